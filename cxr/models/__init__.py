@@ -1,0 +1,1 @@
+"""CNN architectures of the ensemble and the on-disk ensemble bundle (torch)."""

@@ -1,0 +1,1 @@
+"""Labelled radiograph collections (PadChest, NIH ChestX-ray14, plain CSV) and their torch datasets."""
