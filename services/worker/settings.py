@@ -1,0 +1,211 @@
+"""Settings of the explanation worker: typed, read once at start, command line > environment > default.
+
+Every setting has one environment variable (``CXR_...``) and one command-line flag. ``load_settings`` raises
+``SettingsError`` (fail fast) on a missing required value, a value of the wrong type or an inconsistent
+combination. This module imports nothing heavy: ``python -m services.worker`` reads it before torch.
+
+Redelivery and the visibility timeout (``CXR_VISIBILITY_TIMEOUT_S``): a task is acknowledged only after it has
+finished (``acks_late``). If a pool child dies mid-task, the worker's parent process requeues the message at once
+(``task_reject_on_worker_lost``). If the whole worker dies (SIGKILL, OOM killer, lost host), nobody is left to
+requeue it: the message stays in Redis's ``unacked`` hash and any worker redelivers it once
+``visibility_timeout`` seconds have passed since it was delivered, at its next sweep (every
+``CXR_UNACKED_RESTORE_INTERVAL_S``). The timeout must therefore be longer than a task may legitimately run
+(the hard time limit plus the longest retry countdown), or a live, slow task would be delivered twice.
+
+``CXR_TASK_TEST_DELAY_S`` is for tests only: it makes every task sleep that long (while the job is ``running``,
+before the input is read) so that tests can kill a worker mid-task deterministically. Leave it 0 in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxr.core.errors import CxrError
+
+QUEUE = "explain"
+TASK_NAME = "cxr.explain"
+APP_NAME = "cxr"
+MAX_HEATMAP_GRID = 512  # cxr.explain.compute.MAX_GRID (not imported: this module must stay free of torch)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class SettingsError(CxrError):
+    """A worker setting is missing, malformed or inconsistent (a deployment error)."""
+
+    reason = "BAD_WORKER_SETTINGS"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The worker's configuration. Times are seconds; ``metrics_port`` 0 turns the metrics server off."""
+
+    model_dir: Path
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    concurrency: int = 1
+    loglevel: str = "info"
+    hostname: str = ""  # "" -> explain-<pid>@<host>, unique per process
+    metrics_port: int = 9152
+    metrics_host: str = "127.0.0.1"
+    ready_file: Path | None = None
+    heatmap_grid: int = 64
+    result_ttl_s: int = 86400
+    soft_time_limit_s: float = 120.0
+    time_limit_s: float = 180.0
+    max_retries: int = 3
+    retry_backoff_s: float = 2.0
+    max_attempts: int = 6  # deliveries of one job (first + retries + redeliveries after lost workers)
+    torch_threads: int = 0  # 0 -> cpu count / concurrency
+    visibility_timeout_s: int = 600
+    unacked_restore_interval_s: int = 10
+    proc_alive_timeout_s: float = 60.0
+    redis_socket_timeout_s: float = 5.0
+    task_test_delay_s: float = 0.0  # TEST ONLY (see module docstring)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+        _check_consistency(self)
+
+    @property
+    def worker_hostname(self) -> str:
+        """The Celery node name, unique per process unless set explicitly."""
+        return self.hostname or f"explain-{os.getpid()}@{socket.gethostname()}"
+
+    def threads_per_child(self) -> int:
+        """Torch intra-op threads for each pool child."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.concurrency)
+
+    def max_retry_countdown_s(self) -> float:
+        """The longest countdown before a retry (exponential backoff: base * 2**(retries - 1))."""
+        return self.retry_backoff_s * 2 ** max(0, self.max_retries - 1)
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    cli: bool = True  # False: environment only
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def _loglevel(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {LOG_LEVELS}")
+    return text.lower()
+
+
+FIELDS: tuple[_Field, ...] = (
+    _Field("model_dir", "CXR_MODEL_DIR", Path, "ensemble directory (manifest.json + weights); required"),
+    _Field("redis_url", "CXR_REDIS_URL", str, "Redis URL: Celery broker and job store"),
+    _Field("concurrency", "CXR_WORKER_CONCURRENCY", _positive(int), "prefork pool children"),
+    _Field("loglevel", "CXR_WORKER_LOGLEVEL", _loglevel, "log level"),
+    _Field("hostname", "CXR_WORKER_HOSTNAME", str, "Celery node name (default unique per process)"),
+    _Field("metrics_port", "CXR_WORKER_METRICS_PORT", _non_negative(int), "Prometheus port, 0 = off"),
+    _Field("metrics_host", "CXR_WORKER_METRICS_HOST", str, "Prometheus bind address"),
+    _Field("ready_file", "CXR_WORKER_READY_FILE", Path, "file written once the worker and its models are ready"),
+    _Field("heatmap_grid", "CXR_HEATMAP_GRID", _positive(int), "side of the stored heatmaps"),
+    _Field("result_ttl_s", "CXR_RESULT_TTL_S", _positive(int), "TTL of job keys without one"),
+    _Field("soft_time_limit_s", "CXR_TASK_SOFT_TIME_LIMIT_S", _positive(float), "soft time limit per task"),
+    _Field("time_limit_s", "CXR_TASK_TIME_LIMIT_S", _positive(float), "hard time limit per task"),
+    _Field("max_retries", "CXR_TASK_MAX_RETRIES", _non_negative(int), "retries after transient errors"),
+    _Field("retry_backoff_s", "CXR_TASK_RETRY_BACKOFF_S", _positive(float), "first retry countdown (doubles)"),
+    _Field("max_attempts", "CXR_TASK_MAX_ATTEMPTS", _positive(int), "deliveries of one job before it fails"),
+    _Field("torch_threads", "CXR_TORCH_THREADS", _non_negative(int), "torch threads per child, 0 = auto"),
+    _Field("visibility_timeout_s", "CXR_VISIBILITY_TIMEOUT_S", _positive(int), "redelivery after a lost worker"),
+    _Field("unacked_restore_interval_s", "CXR_UNACKED_RESTORE_INTERVAL_S", _positive(int), "redelivery sweep"),
+    _Field("proc_alive_timeout_s", "CXR_WORKER_PROC_ALIVE_TIMEOUT_S", _positive(float), "child start limit"),
+    _Field("redis_socket_timeout_s", "CXR_REDIS_SOCKET_TIMEOUT_S", _positive(float), "Redis socket timeout"),
+    _Field("task_test_delay_s", "CXR_TASK_TEST_DELAY_S", _non_negative(float), "TEST ONLY", cli=False),
+)
+
+
+def _check_ranges(s: WorkerSettings) -> None:
+    if s.metrics_port > 65535:
+        raise SettingsError(f"CXR_WORKER_METRICS_PORT {s.metrics_port} is not a port")
+    if s.heatmap_grid > MAX_HEATMAP_GRID:
+        raise SettingsError(f"CXR_HEATMAP_GRID must be at most {MAX_HEATMAP_GRID}")
+    if s.max_attempts <= s.max_retries:
+        raise SettingsError("CXR_TASK_MAX_ATTEMPTS must exceed CXR_TASK_MAX_RETRIES (first try + retries)")
+    if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"CXR_REDIS_URL must be a redis:// URL, got {s.redis_url.split('@')[-1]!r}")
+
+
+def _check_consistency(s: WorkerSettings) -> None:
+    if s.soft_time_limit_s >= s.time_limit_s:
+        raise SettingsError("CXR_TASK_SOFT_TIME_LIMIT_S must be below CXR_TASK_TIME_LIMIT_S")
+    if s.visibility_timeout_s <= s.time_limit_s + s.max_retry_countdown_s():
+        raise SettingsError(
+            f"CXR_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must exceed the hard time limit plus the longest "
+            f"retry countdown ({s.time_limit_s + s.max_retry_countdown_s():g}); otherwise a live task is redelivered"
+        )
+
+
+def _flag(field: _Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m services.worker``: one flag per setting, all optional."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.worker",
+        description="cxr explanation worker (Celery). Research software: NOT FOR CLINICAL USE.",
+    )
+    for field in (f for f in FIELDS if f.cli):
+        parser.add_argument(_flag(field), dest=field.name, default=None, help=f"{field.help} [{field.env}]")
+    return parser
+
+
+def _resolve(field: _Field, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Any:
+    text = cli.get(field.name) if field.cli else None
+    if text is None:
+        text = environ.get(field.env) or None
+    if text is None:
+        return None
+    try:
+        return field.parse(text)
+    except ValueError as e:
+        raise SettingsError(f"{field.env} / {_flag(field)}: {e}") from e
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    """Read the settings once: ``argv`` (without the program name) > ``environ`` > defaults.
+
+    Raises SettingsError on a missing required value (CXR_MODEL_DIR), a malformed or inconsistent value, or a
+    model directory that does not exist. argparse exits with status 2 on unknown flags.
+    """
+    env = os.environ if environ is None else environ
+    cli = vars(build_parser().parse_args(list(argv or [])))
+    values = {f.name: v for f in FIELDS if (v := _resolve(f, cli, env)) is not None}
+    if "model_dir" not in values:
+        raise SettingsError("CXR_MODEL_DIR (or --model-dir) is required: the ensemble directory to explain with")
+    if not values["model_dir"].is_dir():
+        raise SettingsError(f"CXR_MODEL_DIR {values['model_dir']} is not a directory")
+    return WorkerSettings(**values)

@@ -1,0 +1,275 @@
+"""The ``cxr.explain`` task: thin transport around ``run_job`` (read the job from Redis, explain, store).
+
+Message: ``args=[job_id]`` and nothing else; the pixels travel through Redis. Outcomes:
+
+* done: heatmaps stored, hash ``done`` at progress 1.0;
+* noop: the job is already done / failed / skipped (a redelivered or duplicate message): nothing is written;
+* failed: a permanent error (job or input missing or expired, bad input, model mismatch or bad bundle, time
+  limit, too many deliveries, a bug); the hash gets ``failed`` and ``failure_reason`` ``"REASON: message"``;
+* retry: a transient Redis error; the hash goes back to ``queued`` and the task is retried with exponential
+  backoff, at most ``max_retries`` times, then failed (RETRIES_EXHAUSTED).
+
+Process model: ``configure`` runs in the worker's parent before the pool forks; ``init_child`` runs in every
+pool child (``worker_process_init``) and loads the ensemble once; tasks then use that child's copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import torch
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from cxr.core.errors import CxrError, DependencyUnavailableError, ManifestError, NotFoundError, UnsupportedError
+from cxr.core.manifest import Manifest
+from cxr.core.wire import decode_input
+from cxr.explain.compute import compute_heatmaps
+from cxr.explain.heatmap_store import pack_heatmaps
+from cxr.models.bundle import EnsembleNet, load_ensemble
+from services.worker import metrics
+from services.worker.job_state import TERMINAL, JobStore, check_job_id, parse_timestamp
+from services.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    DependencyUnavailableError,
+)
+PROGRESS_INTERVAL_S = 0.25
+
+
+@dataclass
+class _ProcessState:
+    settings: WorkerSettings | None = None
+    store: JobStore | None = None
+    store_pid: int = 0
+    manifest: Manifest | None = None
+    ensemble: EnsembleNet | None = None
+    load_error: CxrError | None = None
+
+
+_state = _ProcessState()
+
+
+def configure(settings: WorkerSettings) -> None:
+    """Record the settings in this process (the worker's parent, before forking; children inherit them)."""
+    _state.settings = settings
+
+
+def settings() -> WorkerSettings:
+    if _state.settings is None:
+        raise RuntimeError("services.worker.tasks.configure() was not called")
+    return _state.settings
+
+
+def job_store() -> JobStore:
+    """This process's JobStore; a forked child never reuses its parent's Redis connections."""
+    if _state.store is None or _state.store_pid != os.getpid():
+        s = settings()
+        client = redis.Redis.from_url(
+            s.redis_url,
+            socket_timeout=s.redis_socket_timeout_s,
+            socket_connect_timeout=s.redis_socket_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+        )
+        _state.store, _state.store_pid = JobStore(client, s.result_ttl_s), os.getpid()
+    return _state.store
+
+
+def init_child() -> CxrError | None:
+    """In a new pool child: set torch threads, load the ensemble once. Returns the load error, if any."""
+    s = settings()
+    torch.set_num_threads(s.threads_per_child())
+    try:
+        _state.manifest, _state.ensemble = load_ensemble(s.model_dir)
+    except Exception as exc:  # any failure to build the models is a bad bundle, reported to the parent
+        log.exception("cannot load the ensemble from %s", s.model_dir)
+        first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        _state.load_error = ManifestError(f"cannot load the ensemble: {type(exc).__name__}: {first_line}")
+        return _state.load_error
+    metrics.MODEL_INFO.labels(model=_state.manifest.name, version=_state.manifest.version).set(1)
+    log.info("child %d loaded %s %s", os.getpid(), _state.manifest.name, _state.manifest.version)
+    return None
+
+
+def loaded_ensemble() -> tuple[Manifest, EnsembleNet]:
+    """This child's ensemble. Raises ManifestError if it could not be loaded."""
+    if _state.load_error is not None:
+        raise _state.load_error
+    if _state.manifest is None or _state.ensemble is None:
+        raise ManifestError("the ensemble is not loaded in this process")
+    return _state.manifest, _state.ensemble
+
+
+class ProgressReporter:
+    """``compute_heatmaps``' progress callback: writes the job's progress, at most every 0.25 s."""
+
+    def __init__(self, store: JobStore, job_id: str, start: float = 0.05, end: float = 0.95) -> None:
+        self._store, self._job_id = store, job_id
+        self._start, self._span = start, end - start
+        self._last = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL_S and fraction < 1.0:
+            return
+        self._last = now
+        progress = self._start + self._span * min(max(fraction, 0.0), 1.0)
+        self._store.set_progress(self._job_id, progress, "computing explanations")
+
+
+def _check_model(job: dict[str, str], manifest: Manifest) -> None:
+    want = (job.get("model_name") or manifest.name, job.get("model_version") or manifest.version)
+    if want != (manifest.name, manifest.version):
+        raise UnsupportedError(
+            f"findings came from model {want[0]} {want[1]}, this worker explains {manifest.name} {manifest.version}",
+            reason="MODEL_VERSION_MISMATCH",
+        )
+
+
+def _observe_queue_wait(job: dict[str, str]) -> None:
+    created = parse_timestamp(job.get("created"))
+    if created is not None:
+        metrics.QUEUE_WAIT.observe(max(0.0, time.time() - created))
+
+
+def run_job(store: JobStore, job_id: str, s: WorkerSettings) -> str:
+    """Explain one job end to end; returns "done" or "noop".
+
+    Raises CxrError for permanent failures, a TRANSIENT_ERRORS member for transient ones, SoftTimeLimitExceeded
+    when Celery's soft time limit fires.
+    """
+    job = store.read(job_id)
+    if job.get("status") in TERMINAL:
+        log.info("job %s is already %s: nothing to do", job_id, job["status"])
+        return "noop"
+    attempts = store.begin_attempt(job_id, "computing explanations")
+    if attempts == 1:
+        _observe_queue_wait(job)
+    if attempts > s.max_attempts:
+        raise CxrError(f"delivered {attempts} times without finishing", reason="TOO_MANY_ATTEMPTS")
+    manifest, ensemble = loaded_ensemble()
+    _check_model(job, manifest)
+    if s.task_test_delay_s > 0:
+        time.sleep(s.task_test_delay_s)  # TEST ONLY (CXR_TASK_TEST_DELAY_S): a window to kill a running task
+    x = decode_input(store.read_input(job_id), manifest.preprocess)
+    heatmaps = compute_heatmaps(ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id))
+    store.finish(job_id, pack_heatmaps(heatmaps))
+    return "done"
+
+
+def _fail(job_id: str, error: CxrError, started: float) -> str:
+    """Mark the job failed (if it still exists), then count it. Redis errors propagate (the caller retries)."""
+    log.warning("job %s failed: %s", job_id, error)
+    try:
+        job_store().fail(job_id, error)
+    except NotFoundError:
+        log.warning("job %s is unknown or expired: no state to update", job_id)
+    metrics.record_outcome("failed", time.monotonic() - started, error.reason)
+    return "failed"
+
+
+def _retry_or_fail(task: Task, job_id: str, exc: Exception, started: float) -> str:
+    """Schedule a retry with exponential backoff (raises celery's Retry), or fail after the last one."""
+    s, retries = settings(), int(task.request.retries or 0)
+    if retries >= s.max_retries:
+        error = DependencyUnavailableError(
+            f"gave up after {retries} retries; last error {type(exc).__name__}", reason="RETRIES_EXHAUSTED"
+        )
+        return _fail(job_id, error, started)
+    countdown = s.retry_backoff_s * 2**retries
+    log.warning(
+        "job %s: transient %s, retry %d/%d in %gs", job_id, type(exc).__name__, retries + 1, s.max_retries, countdown
+    )
+    try:
+        job_store().requeue(job_id, f"retry {retries + 1}/{s.max_retries} in {countdown:g} s after a transient error")
+    except (redis.RedisError, CxrError) as write_error:  # the retry matters more than this status line
+        log.warning("job %s: could not mark it queued for retry: %s", job_id, type(write_error).__name__)
+    metrics.record_outcome("retry", time.monotonic() - started)
+    raise task.retry(exc=exc, countdown=countdown, max_retries=s.max_retries)
+
+
+def _outcome(job_id: str, started: float) -> str:
+    """Run the job; permanent errors end it as failed. Transient errors (also while recording a failure) propagate."""
+    try:
+        outcome = run_job(job_store(), job_id, settings())
+    except TRANSIENT_ERRORS:
+        raise
+    except SoftTimeLimitExceeded:
+        return _fail(job_id, CxrError("the explanation took too long", reason="TIME_LIMIT_EXCEEDED"), started)
+    except CxrError as exc:
+        return _fail(job_id, exc, started)
+    except Exception:  # a bug must still end the job as failed, with the traceback in the log
+        log.exception("job %s: unexpected error", job_id)
+        return _fail(job_id, CxrError("internal error while explaining"), started)
+    metrics.record_outcome(outcome, time.monotonic() - started)
+    return outcome
+
+
+def _explain(task: Task, job_id: str, started: float) -> str:
+    try:
+        return _outcome(job_id, started)
+    except TRANSIENT_ERRORS as exc:
+        return _retry_or_fail(task, job_id, exc, started)
+
+
+def explain(task: Task, job_id: str) -> str:
+    """Body of the ``cxr.explain`` task (bound): ``job_id`` in, outcome name out (no result backend)."""
+    started = time.monotonic()
+    try:
+        check_job_id(job_id)
+    except CxrError as exc:
+        log.warning("rejected a task: %s", exc)
+        metrics.record_outcome("failed", 0.0, exc.reason)
+        return "failed"
+    metrics.IN_FLIGHT.inc()
+    try:
+        return _explain(task, job_id, started)
+    finally:
+        metrics.IN_FLIGHT.dec()
+
+
+def fail_after_hard_time_limit(job_id: str) -> None:
+    """In the worker's parent, after the pool killed a child at the hard time limit: mark the job failed."""
+    error = CxrError(f"killed at the hard time limit of {settings().time_limit_s:g} s", reason="TIME_LIMIT_EXCEEDED")
+    try:
+        check_job_id(job_id)
+        _fail(job_id, error, time.monotonic() - settings().time_limit_s)
+    except (redis.RedisError, CxrError) as exc:
+        log.error("job %s: could not record the hard time limit: %s", job_id, exc)
+
+
+class ExplainTask(Task):
+    """Task class of ``cxr.explain``: turns a hard time limit (child killed) into a failed job."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, TimeLimitExceeded) and args:
+            fail_after_hard_time_limit(str(args[0]))
+
+
+def task_options(s: WorkerSettings) -> dict[str, Any]:
+    """Options of the ``cxr.explain`` task (see docs/ARCHITECTURE.md "Celery")."""
+    return {
+        "name": "cxr.explain",
+        "bind": True,
+        "base": ExplainTask,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "acks_on_timeout": True,
+        "max_retries": s.max_retries,
+        "soft_time_limit": s.soft_time_limit_s,
+        "time_limit": s.time_limit_s,
+        "ignore_result": True,
+        "typing": True,
+    }
