@@ -1,0 +1,207 @@
+"""Typed settings of the ingestion service, read once at start (CLI > environment > default).
+
+Every value is parsed and checked here; a bad value stops the service before it binds a port
+(``SettingsError`` lists every problem at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+LATERAL_POLICIES = ("reject", "warn")
+
+
+class SettingsError(ValueError):
+    """One or more settings are missing or invalid; the message names each variable and its problem."""
+
+
+@dataclass(frozen=True)
+class IngestionSettings:
+    """Everything the ingestion service needs to start. Field docs name the environment variable."""
+
+    addr: str = "127.0.0.1:50151"  # CXR_INGESTION_ADDR, host:port of the gRPC server (port 0 = any free port)
+    metrics_port: int = 9151  # CXR_INGESTION_METRICS_PORT (0 = no metrics endpoint); bound on addr's host
+    redis_url: str = "redis://127.0.0.1:6390/0"  # CXR_REDIS_URL: result store and Celery broker
+    torchserve_grpc: str = "127.0.0.1:7470"  # CXR_TORCHSERVE_GRPC: TorchServe's gRPC inference API
+    torchserve_model: str = "cxr"  # CXR_TORCHSERVE_MODEL
+    torchserve_token_file: Path | None = None  # CXR_TORCHSERVE_TOKEN_FILE: TorchServe's key_file.json
+    model_dir: Path = Path("model_store/cxr-demo-nih14")  # CXR_MODEL_DIR: ensemble dir with manifest.json
+    max_upload_bytes: int = 64 * MIB  # CXR_MAX_UPLOAD_BYTES
+    max_concurrent: int = 8  # CXR_MAX_CONCURRENT: in-flight Analyze calls; more are rejected (OVERLOADED)
+    lateral_policy: str = "reject"  # CXR_LATERAL_POLICY: reject | warn
+    result_ttl_s: int = 86400  # CXR_RESULT_TTL_S: TTL of every Redis key written
+    overlay_max_side: int = 1024  # CXR_OVERLAY_MAX_SIDE: long side of the stored display image
+    inference_timeout_s: float = 30.0  # CXR_INFERENCE_TIMEOUT_S: deadline of one Analyze's inference, retries included
+    inference_retries: int = 2  # CXR_INFERENCE_RETRIES: extra attempts when TorchServe is UNAVAILABLE
+    grace_s: float = 10.0  # CXR_GRACE_S: graceful shutdown period
+    startup_wait_s: float = 120.0  # CXR_STARTUP_WAIT_S: bounded wait for Redis and the served model at start
+    watch_max_s: float = 900.0  # CXR_WATCH_MAX_S: longest WatchExplanation stream (when the client sets no deadline)
+
+    @property
+    def host(self) -> str:
+        """Host part of ``addr`` (brackets of an IPv6 literal removed)."""
+        return split_host_port(self.addr)[0].strip("[]")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'host:port' -> (host, port). Raises ValueError when either part is missing or the port is out of range."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} outside 0..65535")
+    return host, port
+
+
+def _address(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} outside 0..65535")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise ValueError(f"must be a positive integer, got {n}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"must be >= 0, got {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0 or x == float("inf"):
+        raise ValueError(f"must be a positive finite number, got {value}")
+    return x
+
+
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis:// URL, got {value!r}")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _lateral(value: str) -> str:
+    if value not in LATERAL_POLICIES:
+        raise ValueError(f"must be one of {LATERAL_POLICIES}, got {value!r}")
+    return value
+
+
+def _model_dir(value: str) -> Path:
+    path = Path(value)
+    if not (path / "manifest.json").is_file():
+        raise ValueError(f"{value} has no manifest.json")
+    return path
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value.strip() else None
+
+
+def _overlay_side(value: str) -> int:
+    n = int(value)
+    if n < 64:
+        raise ValueError(f"must be >= 64, got {n}")
+    return n
+
+
+@dataclass(frozen=True)
+class _Spec:
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("addr", "CXR_INGESTION_ADDR", _address, "gRPC listen address host:port"),
+    _Spec("metrics_port", "CXR_INGESTION_METRICS_PORT", _port, "Prometheus port (0 = off)"),
+    _Spec("redis_url", "CXR_REDIS_URL", _redis_url, "Redis URL (results, jobs, Celery broker)"),
+    _Spec("torchserve_grpc", "CXR_TORCHSERVE_GRPC", _address, "TorchServe gRPC inference address"),
+    _Spec("torchserve_model", "CXR_TORCHSERVE_MODEL", _non_empty, "model name registered in TorchServe"),
+    _Spec("torchserve_token_file", "CXR_TORCHSERVE_TOKEN_FILE", _optional_path, "TorchServe key_file.json"),
+    _Spec("model_dir", "CXR_MODEL_DIR", _model_dir, "ensemble directory (manifest.json)"),
+    _Spec("max_upload_bytes", "CXR_MAX_UPLOAD_BYTES", _positive_int, "largest accepted DICOM upload"),
+    _Spec("max_concurrent", "CXR_MAX_CONCURRENT", _positive_int, "in-flight Analyze calls"),
+    _Spec("lateral_policy", "CXR_LATERAL_POLICY", _lateral, "reject | warn"),
+    _Spec("result_ttl_s", "CXR_RESULT_TTL_S", _positive_int, "TTL of stored results and jobs (s)"),
+    _Spec("overlay_max_side", "CXR_OVERLAY_MAX_SIDE", _overlay_side, "long side of the display image"),
+    _Spec("inference_timeout_s", "CXR_INFERENCE_TIMEOUT_S", _positive_float, "inference deadline (s)"),
+    _Spec("inference_retries", "CXR_INFERENCE_RETRIES", _non_negative_int, "retries when TorchServe is down"),
+    _Spec("grace_s", "CXR_GRACE_S", _positive_float, "graceful shutdown period (s)"),
+    _Spec("startup_wait_s", "CXR_STARTUP_WAIT_S", _positive_float, "wait for dependencies at start (s)"),
+    _Spec("watch_max_s", "CXR_WATCH_MAX_S", _positive_float, "longest WatchExplanation stream (s)"),
+)
+
+
+def _flag(spec: _Spec) -> str:
+    return "--" + spec.field.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m services.ingestion``; every flag overrides its environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.ingestion",
+        description="cxr ingestion gRPC service (research software: NOT FOR CLINICAL USE)",
+    )
+    for spec in _SPECS:
+        parser.add_argument(_flag(spec), dest=spec.field, default=None, help=f"{spec.help} [{spec.env}]")
+    return parser
+
+
+def _raw_value(spec: _Spec, cli: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """The text given for one setting (CLI first, then environment); the model directory's default is checked
+    like a given value because the service cannot start without it."""
+    raw = cli.get(spec.field)
+    raw = env.get(spec.env) if raw is None else raw
+    if raw is None and spec.field == "model_dir":
+        raw = str(IngestionSettings.model_dir)
+    return raw
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> IngestionSettings:
+    """Read the settings: CLI ``argv`` > ``environ`` (default ``os.environ``) > defaults.
+
+    Raises SettingsError naming every invalid value; argparse exits (status 2) on an unknown flag.
+    """
+    env = os.environ if environ is None else environ
+    cli = vars(build_parser().parse_args([] if argv is None else list(argv)))
+    defaults = {f.name: f.default for f in fields(IngestionSettings)}
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for spec in _SPECS:
+        raw = _raw_value(spec, cli, env)
+        if raw is None:
+            values[spec.field] = defaults[spec.field]
+            continue
+        try:
+            values[spec.field] = spec.parse(raw)
+        except ValueError as e:
+            problems.append(f"{spec.env}={raw!r}: {e}")
+    if problems:
+        raise SettingsError("invalid settings: " + "; ".join(problems))
+    return IngestionSettings(**values)
