@@ -42,6 +42,7 @@ class CXRNet(nn.Module):
         self.arch = arch
         self.backbone = backbone
         self.final_relu = final_relu  # DenseNet applies ReLU after `features`, before pooling
+        self.cam_target = nn.Identity()  # parameter-free hook point: exactly the tensor that feeds pooling
         self.head = nn.Sequential(
             nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
@@ -52,7 +53,8 @@ class CXRNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) -> (N, K, h, w), the tensor global average pooling reads (post-activation)."""
         a = self.backbone(x.expand(-1, 3, -1, -1))
-        return F.relu(a) if self.final_relu else a  # not in-place: a stored activation must stay intact
+        a = F.relu(a) if self.final_relu else a  # not in-place: a stored activation must stay intact
+        return self.cam_target(a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) -> logits (N, L)."""
