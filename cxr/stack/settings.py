@@ -1,0 +1,222 @@
+"""Settings of the local stack (``cxr up``): every port and path, read once from the environment.
+
+Environment (all optional; defaults are docs/ARCHITECTURE.md's local ports, all bound to 127.0.0.1):
+
+============================== ============================== ==========================================
+variable                       default                        what
+============================== ============================== ==========================================
+CXR_HOME                       ./.cxr                         runtime folder: logs, state, TorchServe home
+CXR_MODEL_DIR                  model_store/cxr-demo-nih14     the ensemble to serve (manifest + weights)
+CXR_REDIS_PORT                 6390                           redis-server
+CXR_TS_INFERENCE_PORT          8480                           TorchServe REST inference
+CXR_TS_MANAGEMENT_PORT         8481                           TorchServe REST management
+CXR_TS_METRICS_PORT            8482                           TorchServe Prometheus metrics
+CXR_TS_GRPC_PORT               7470                           TorchServe gRPC inference
+CXR_TS_GRPC_MANAGEMENT_PORT    7471                           TorchServe gRPC management
+CXR_INGESTION_PORT             50151                          ingestion gRPC API
+CXR_INGESTION_METRICS_PORT     9151                           ingestion Prometheus metrics
+CXR_WORKER_METRICS_PORT        9152                           explanation worker Prometheus metrics
+CXR_STACK_START_TIMEOUT_S      180                            bound on each service's wait for readiness
+CXR_STACK_STOP_GRACE_S         20                             SIGTERM -> SIGKILL grace per service
+============================== ============================== ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import cxr
+from cxr.stack.errors import BadSettingError
+
+HOST = "127.0.0.1"
+SERVICES = ("redis", "torchserve", "ingestion", "worker")  # dependency order; stopped in reverse
+TORCHSERVE_MODEL = "cxr"
+DEMO_MODEL = Path("model_store") / "cxr-demo-nih14"
+
+_PORT_ENV = {
+    "redis_port": ("CXR_REDIS_PORT", 6390),
+    "ts_inference_port": ("CXR_TS_INFERENCE_PORT", 8480),
+    "ts_management_port": ("CXR_TS_MANAGEMENT_PORT", 8481),
+    "ts_metrics_port": ("CXR_TS_METRICS_PORT", 8482),
+    "ts_grpc_port": ("CXR_TS_GRPC_PORT", 7470),
+    "ts_grpc_management_port": ("CXR_TS_GRPC_MANAGEMENT_PORT", 7471),
+    "ingestion_port": ("CXR_INGESTION_PORT", 50151),
+    "ingestion_metrics_port": ("CXR_INGESTION_METRICS_PORT", 9151),
+    "worker_metrics_port": ("CXR_WORKER_METRICS_PORT", 9152),
+}
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Where everything of the local stack lives. Build it with :meth:`from_env`."""
+
+    home: Path
+    model_dir: Path
+    redis_port: int = 6390
+    ts_inference_port: int = 8480
+    ts_management_port: int = 8481
+    ts_metrics_port: int = 8482
+    ts_grpc_port: int = 7470
+    ts_grpc_management_port: int = 7471
+    ingestion_port: int = 50151
+    ingestion_metrics_port: int = 9151
+    worker_metrics_port: int = 9152
+    start_timeout_s: float = 180.0
+    stop_grace_s: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> StackSettings:
+        """Read the settings from ``env`` (default ``os.environ``); relative paths resolve against ``cwd``.
+
+        Raises BadSettingError for a port that is not an integer in 1..65535, a duplicated port, or a
+        non-positive timeout."""
+        env = os.environ if env is None else env
+        cwd = Path.cwd() if cwd is None else cwd
+        ports = {name: _port(env, var, default) for name, (var, default) in _PORT_ENV.items()}
+        settings = cls(
+            home=_path(env.get("CXR_HOME"), cwd, cwd / ".cxr"),
+            model_dir=_path(env.get("CXR_MODEL_DIR"), cwd, default_model_dir(cwd)),
+            start_timeout_s=_seconds(env, "CXR_STACK_START_TIMEOUT_S", 180.0),
+            stop_grace_s=_seconds(env, "CXR_STACK_STOP_GRACE_S", 20.0),
+            **ports,
+        )
+        settings.check_distinct_ports()
+        return settings
+
+    def check_distinct_ports(self) -> None:
+        """Raise BadSettingError if two services were given the same port."""
+        seen: dict[int, str] = {}
+        for name in _PORT_ENV:
+            port = getattr(self, name)
+            if port in seen:
+                raise BadSettingError(
+                    f"port {port} is given to both {_PORT_ENV[seen[port]][0]} and {_PORT_ENV[name][0]}"
+                )
+            seen[port] = name
+
+    def ports(self) -> dict[str, int]:
+        """Every port of the stack by the environment variable that sets it, e.g. {"CXR_REDIS_PORT": 6390}."""
+        return {var: getattr(self, name) for name, (var, _) in _PORT_ENV.items()}
+
+    def service_ports(self, service: str) -> dict[str, int]:
+        """The ports one service binds, by their environment variable."""
+        prefix = {"redis": "CXR_REDIS", "torchserve": "CXR_TS_", "ingestion": "CXR_INGESTION", "worker": "CXR_WORKER"}
+        return {var: port for var, port in self.ports().items() if var.startswith(prefix[service])}
+
+    # -- derived addresses and paths --------------------------------------------------------------
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{HOST}:{self.redis_port}/0"
+
+    @property
+    def ingestion_address(self) -> str:
+        return f"{HOST}:{self.ingestion_port}"
+
+    @property
+    def torchserve_grpc_address(self) -> str:
+        return f"{HOST}:{self.ts_grpc_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "stack.json"
+
+    @property
+    def torchserve_home(self) -> Path:
+        return self.home / "torchserve"
+
+    @property
+    def model_store(self) -> Path:
+        return self.home / "model_store"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def token_file(self) -> Path:
+        return self.torchserve_home / "key_file.json"
+
+    @property
+    def worker_ready_file(self) -> Path:
+        return self.home / "run" / "worker.ready"
+
+    def log_file(self, service: str) -> Path:
+        """Where a service's output goes; TorchServe writes its own logs in its home (frontend: ts_log.log)."""
+        if service == "torchserve":
+            return self.torchserve_home / "logs" / "ts_log.log"
+        return self.logs_dir / f"{service}.log"
+
+    def metrics_urls(self) -> dict[str, str | None]:
+        """The Prometheus endpoint of each service (redis has none)."""
+        return {
+            "redis": None,
+            "torchserve": f"http://{HOST}:{self.ts_metrics_port}/metrics",
+            "ingestion": f"http://{HOST}:{self.ingestion_metrics_port}/metrics",
+            "worker": f"http://{HOST}:{self.worker_metrics_port}/metrics",
+        }
+
+    def addresses(self) -> dict[str, str]:
+        """The main address of each service, as a client writes it."""
+        return {
+            "redis": self.redis_url,
+            "torchserve": f"{HOST}:{self.ts_grpc_port} (gRPC; management :{self.ts_management_port})",
+            "ingestion": self.ingestion_address,
+            "worker": "celery queue 'explain'",
+        }
+
+    def as_dict(self) -> dict[str, object]:
+        """All settings, JSON-ready (paths as strings)."""
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+
+
+def port_variables() -> list[str]:
+    """The environment variables that set the stack's ports."""
+    return [var for var, _ in _PORT_ENV.values()]
+
+
+def default_model_dir(cwd: Path) -> Path:
+    """``model_store/cxr-demo-nih14`` in ``cwd`` if there, else in the source checkout the package runs from."""
+    here = cwd / DEMO_MODEL
+    if here.is_dir():
+        return here
+    return Path(cxr.__file__).resolve().parents[1] / DEMO_MODEL
+
+
+def _path(value: str | None, cwd: Path, default: Path) -> Path:
+    if not value:
+        return default.absolute()
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else cwd / p).absolute()
+
+
+def _port(env: Mapping[str, str], var: str, default: int) -> int:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise BadSettingError(f"{var}={raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise BadSettingError(f"{var}={port} is outside 1..65535")
+    return port
+
+
+def _seconds(env: Mapping[str, str], var: str, default: float) -> float:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadSettingError(f"{var}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise BadSettingError(f"{var}={value} must be > 0")
+    return value

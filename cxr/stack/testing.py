@@ -1,0 +1,15 @@
+"""Helpers to run a whole local stack on free ports, for tests and benchmarks (never for a deployment)."""
+
+from __future__ import annotations
+
+from cxr.stack.processes import free_port
+from cxr.stack.settings import port_variables
+
+
+def free_port_env() -> dict[str, str]:
+    """Every CXR_*_PORT variable of the stack set to a distinct port that is free right now."""
+    names = port_variables()
+    ports: set[int] = set()
+    while len(ports) < len(names):
+        ports.add(free_port())
+    return dict(zip(names, (str(p) for p in sorted(ports)), strict=True))
