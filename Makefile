@@ -34,10 +34,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-# redis-server and a Java runtime (TorchServe) come from the system's packages.
+# From the system's packages: redis-server, a Java runtime (TorchServe), promtool (checks deploy/prometheus.yml)
+# and dcmtk (real DICOM peer tools used by tests to make JPEG-lossless fixtures).
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	 command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	 command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	 command -v dcmcjpeg >/dev/null || missing="$$missing dcmtk"; \
 	 if [[ -n "$$missing" ]]; then \
 	   echo "installing:$$missing"; \
 	   if [[ $$(id -u) -eq 0 ]]; then apt-get update -qq && apt-get install -y -qq $$missing; \
