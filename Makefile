@@ -5,7 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
-STAMP := $(VENV)/.installed-$(REQ_HASH)
+# The stamp lives in the clone (not in a cached venv), so every clone re-links its own editable install.
+STAMP := .venv-installed-$(REQ_HASH)
 # Optional: keep the (5-6 GB) venv outside the clone, keyed by the requirements' hash (CI uses this).
 VENV_CACHE ?=
 DEMO_OUT ?= out/demo
@@ -30,7 +31,7 @@ $(STAMP): requirements.txt pyproject.toml
 	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -r requirements.txt; \
 	fi
 	$(BIN)/pip install -q --no-deps -e .
-	rm -f $(VENV)/.installed-*; touch $@
+	rm -f .venv-installed-*; touch $@
 
 venv: $(STAMP)
 
