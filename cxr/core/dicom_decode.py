@@ -8,7 +8,9 @@ Steps (each failure is a typed ``CxrError`` with a stable reason; nothing else e
 2. header checks (``dicom_checks``), before any pixel is decoded: modality, photometric interpretation, size cap,
    lateral view, Pixel Data presence, bit depth, transfer syntax.
 3. pixels (``dicom_pixels``): stored values of the first frame; JPEG 2000 at reduced resolution when ``min_side``
-   allows it.
+   allows it; then, for every syntax, an integer-factor area average (``block_mean``) when ``min_side`` is at
+   most half the short side still left, so that step 4 runs on few samples (a 1955 x 1841 CR for a 224 px model:
+   245 x 231 samples instead of 3.6 million, ~20 ms -> ~7 ms here).
 4. grey levels (``dicom_voi``): modality LUT / rescale, VOI LUT or window (automatic range when absent),
    MONOCHROME1 inversion -> float32 in [0, 1], bright = dense.
 
@@ -21,10 +23,11 @@ MULTI_FRAME, INCOMPLETE_CODESTREAM, NO_VOI (automatic display range), BAD_WINDOW
 
 from __future__ import annotations
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from cxr.core.dicom_checks import check_dimensions, check_modality, check_photometric, check_pixel_module, check_view
-from cxr.core.dicom_pixels import stored_values
+from cxr.core.dicom_pixels import area_factor, block_mean, stored_values
 from cxr.core.dicom_read import malformed_as, parse_dicom, transfer_syntax_of
 from cxr.core.dicom_types import DecodedRadiograph, DecodePolicy, DicomIdentity
 from cxr.core.dicom_voi import to_unit_interval
@@ -48,8 +51,11 @@ def decode_radiograph(
     """Decode a CR/DX radiograph to float32 [0, 1], MONOCHROME2 orientation, VOI applied.
 
     ``min_side``: the smallest short side (pixels) the caller needs; the result's short side is >= min_side
-    unless the image itself is smaller (JPEG 2000 may be decoded at 1/2**k resolution, other syntaxes always at
-    full resolution; ``scale`` says which). None: full resolution.
+    unless the image itself is smaller. The image is then reduced before the grey-level steps: JPEG 2000 decoded
+    at 1/2**k resolution, then (any syntax) averaged over f x f blocks with f = short side // min_side;
+    the result is ceil(rows / f) x ceil(columns / f), same orientation, ``scale`` = its rows / the file's rows.
+    The reduced image is close to, not bit-equal to, the full decode resized (the stored values are averaged
+    before the VOI window clips them, as a JPEG 2000 decoder does). None: full resolution.
     Raises the errors of ``read_identity`` plus UnsupportedModalityError, UnsupportedPhotometricError,
     TooLargeError (pixel cap, or a deflated dataset inflating past 1 GiB), LateralViewError (policy "reject"),
     NoPixelDataError, UnsupportedTransferSyntaxError, InvalidInputError (reasons BAD_DIMENSIONS, BAD_BIT_DEPTH,
@@ -66,10 +72,20 @@ def decode_radiograph(
     values, _k = stored_values(
         _with_transfer_syntax(ds), transfer_syntax_of(ds), frames, min_side=min_side, notes=notes
     )
+    values = _area_reduced(values, ds, area_factor(values.shape, min_side))
     if frames > 1:
         notes.append(f"MULTI_FRAME: the object has {frames} frames; only the first was analysed")
     pixels = to_unit_interval(values, ds, notes)
     return DecodedRadiograph(identity, pixels, scale=pixels.shape[0] / identity.rows, warnings=tuple(notes))
+
+
+def _area_reduced(values: np.ndarray, ds: Dataset, factor: int) -> np.ndarray:
+    """``block_mean`` of the stored values; rounded back to integers when a Modality LUT Sequence must index
+    them (other grey-level steps are arithmetic and keep the fractional means)."""
+    if factor == 1:
+        return values
+    means = block_mean(values, factor)
+    return np.rint(means).astype(np.int64) if ds.get("ModalityLUTSequence") else means
 
 
 def _check_header(ds: Dataset, identity: DicomIdentity, policy: DecodePolicy, notes: list[str]) -> int:

@@ -6,6 +6,13 @@ decoding is the dominant cost of the ingestion service: JPEG 2000 decoded at red
 needs fewer pixels than the file holds. The wavelet's low-pass band at level k *is* the image at 1/2**k of the
 size, so decoding only those levels is both exact (no extra resampling) and much cheaper (about 4**k fewer
 samples to reconstruct).
+
+Every other syntax (and JPEG 2000 whose codestream cannot reduce far enough) is then reduced by ``block_mean``, an
+integer-factor area (box) average of the stored values, when the caller needs at most half the pixels per side:
+one cheap pass that makes the expensive grey-level steps (modality LUT, VOI, percentiles, inversion) run on
+1/factor**2 of the samples. Like the JPEG 2000 low-pass band, it averages stored values before the grey-level
+steps; both are linear except for the window's clipping (and a rare Modality LUT Sequence), so the result differs
+from "grey levels at full resolution, then averaged" only where a block straddles the window's edge.
 """
 
 from __future__ import annotations
@@ -57,6 +64,35 @@ def stored_values(
             f"decoded pixel data has shape {arr.shape}, expected one greyscale frame", reason="CORRUPT_PIXEL_DATA"
         )
     return arr, 0
+
+
+def area_factor(shape: tuple[int, ...], min_side: int | None) -> int:
+    """Integer reduction factor f = short side // ``min_side`` (1 = none): the largest for which the reduced
+    short side, ceil(short / f), is still >= ``min_side``. None -> 1."""
+    if min_side is None:
+        return 1
+    return max(1, min(shape[0], shape[1]) // min_side)
+
+
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Area downsample of a 2-D array by an integer ``factor``: each output sample is the mean of a factor x factor
+    block (blocks of the last row / column hold what remains), so the shape is ceil(h / f) x ceil(w / f), the
+    same geometry as a JPEG 2000 reduce level. Returns float64 means (exact for any integer input); the input
+    itself when factor is 1. Raises ValueError for a factor < 1 or an array that is not 2-D."""
+    if factor < 1 or values.ndim != 2:
+        raise ValueError(f"block_mean needs a 2-D array and a factor >= 1, got {values.shape} and {factor}")
+    if factor == 1:
+        return values
+    rows = np.arange(0, values.shape[0], factor)
+    columns = np.arange(0, values.shape[1], factor)
+    sums = np.add.reduceat(np.add.reduceat(values, columns, axis=1, dtype=np.float64), rows, axis=0)
+    sums /= _block_counts(values.shape[0], rows, factor)[:, None] * _block_counts(values.shape[1], columns, factor)
+    return sums
+
+
+def _block_counts(size: int, starts: np.ndarray, factor: int) -> np.ndarray:
+    """Samples in each block along one axis: ``factor``, and what remains for the last one."""
+    return np.minimum(factor, size - starts).astype(np.float64)
 
 
 def _try_j2k_reduced(frame: bytes, min_side: int) -> tuple[np.ndarray, int] | None:

@@ -12,6 +12,7 @@ The manifest is plain JSON so that non-Python tools (and the ingestion service, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -147,4 +148,25 @@ def write_manifest(ensemble_dir: str | Path, manifest: Manifest) -> Path:
     path = Path(ensemble_dir) / MANIFEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(manifest.to_json())
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks. Raises OSError if it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checked_weights_path(ensemble_dir: str | Path, entry: ModelEntry) -> Path:
+    """The path of ``entry``'s weights file in ``ensemble_dir``, after checking that it exists and, when the
+    manifest has one, matches its sha256 (no torch needed). Raises ManifestError otherwise."""
+    root = Path(ensemble_dir)
+    path = root / entry.weights
+    if not path.is_file():
+        raise ManifestError(f"weights {entry.weights} of model {entry.name} missing in {root}")
+    if entry.sha256 and file_sha256(path) != entry.sha256:
+        raise ManifestError(f"weights {entry.weights} do not match the manifest's sha256")
     return path

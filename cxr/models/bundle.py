@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxr.core.errors import ManifestError
-from cxr.core.manifest import Manifest, read_manifest, write_manifest
+from cxr.core.manifest import Manifest, checked_weights_path, file_sha256, read_manifest, write_manifest
 from cxr.models.architectures import CXRNet, build_model
 
 
@@ -25,14 +23,6 @@ class EnsembleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members], dim=1)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_ensemble(
@@ -55,14 +45,9 @@ def save_ensemble(
 
 def load_members(ensemble_dir: str | Path, manifest: Manifest, device: str | torch.device = "cpu") -> list[CXRNet]:
     """Build every model of the manifest and load its weights (float32, eval mode). Raises ManifestError."""
-    root = Path(ensemble_dir)
     members = []
     for entry in manifest.models:
-        path = root / entry.weights
-        if not path.is_file():
-            raise ManifestError(f"weights {entry.weights} of model {entry.name} missing in {root}")
-        if entry.sha256 and file_sha256(path) != entry.sha256:
-            raise ManifestError(f"weights {entry.weights} do not match the manifest's sha256")
+        path = checked_weights_path(ensemble_dir, entry)
         model = build_model(entry.arch, len(manifest.labels), hidden=entry.hidden, dropout=entry.dropout)
         sd = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()})

@@ -165,6 +165,17 @@ def port_holder(port: int) -> str | None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free now (bind to port 0). For tests and benchmarks."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports the OS considers free now: all ``n`` sockets are bound to port 0 at the same time,
+    so no port is given twice. For tests and benchmarks."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from cxr.stack.processes import free_port
+from cxr.stack.processes import free_ports
 from cxr.stack.settings import port_variables
 
 
 def free_port_env() -> dict[str, str]:
     """Every CXR_*_PORT variable of the stack set to a distinct port that is free right now."""
     names = port_variables()
-    ports: set[int] = set()
-    while len(ports) < len(names):
-        ports.add(free_port())
-    return dict(zip(names, (str(p) for p in sorted(ports)), strict=True))
+    return dict(zip(names, (str(p) for p in free_ports(len(names))), strict=True))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from cxr.core.errors import CxrError, InvalidInputError, NotFoundError
+from cxr.core.jobs import JobStatus, is_job_id
 from cxr.explain.heatmap_store import HeatmapSet, unpack_heatmaps
 from cxr.explain.render import overlay_title, render_disagreement, render_overlay
 from cxr.ingestion.v1 import ingestion_pb2 as pb
@@ -24,15 +24,14 @@ from services.ingestion.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
 
-STATUS = {
-    "queued": pb.JOB_STATUS_QUEUED,
-    "running": pb.JOB_STATUS_RUNNING,
-    "done": pb.JOB_STATUS_DONE,
-    "failed": pb.JOB_STATUS_FAILED,
-    "skipped": pb.JOB_STATUS_SKIPPED,
+STATUS: dict[str, pb.JobStatus] = {
+    JobStatus.QUEUED: pb.JOB_STATUS_QUEUED,
+    JobStatus.RUNNING: pb.JOB_STATUS_RUNNING,
+    JobStatus.DONE: pb.JOB_STATUS_DONE,
+    JobStatus.FAILED: pb.JOB_STATUS_FAILED,
+    JobStatus.SKIPPED: pb.JOB_STATUS_SKIPPED,
 }
 TERMINAL = frozenset({pb.JOB_STATUS_DONE, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_SKIPPED})
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class JobNotFoundError(NotFoundError):
@@ -162,7 +161,7 @@ class ExplanationView:
         return item
 
     def _state(self, job_id: str) -> dict[str, str]:
-        state = self._store.job_state(job_id) if _JOB_ID.match(job_id) else None
+        state = self._store.job_state(job_id) if is_job_id(job_id) else None
         if state is None:
             raise JobNotFoundError("unknown or expired job id")
         return state

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("receive", "decode", "cache", "preprocess", "inference", "display", "store", "total")
+STAGES = ("receive", "decode", "cache", "preprocess", "inference", "store", "total")
 # Seconds; from a cache hit on a tiny image (~1 ms) to a slow CPU ensemble forward (~10 s).
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

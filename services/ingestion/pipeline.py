@@ -2,17 +2,20 @@
 
 Numpy, Pillow and pydicom only (through the shared core); never torch. The servicer calls
 ``AnalyzePipeline.analyze`` and nothing else.
+
+The synchronous path does only what the findings need: the file is decoded at the model's resolution
+(``decode_radiograph(min_side=model size)``), and nothing is made for display. When an explanation is requested
+the uploaded bytes are stored (``cxr:job:{id}:dicom``) and the explanation worker makes the display image from
+them at the resolution the overlays need.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,20 +28,19 @@ from cxr.core.errors import (
     TooLargeError,
     TruncatedDicomError,
 )
+from cxr.core.jobs import JobStatus, result_key, sop_digest
 from cxr.core.manifest import Manifest
 from cxr.core.preprocess import prepare_image
 from cxr.core.wire import encode_input
 from cxr.ingestion.v1 import ingestion_pb2 as pb
-from services.ingestion.display import display_png
 from services.ingestion.inference_client import InferenceFailedError, Prediction, TorchServeClient
 from services.ingestion.metrics import IngestionMetrics
-from services.ingestion.result_store import NewJob, ResultStore, result_key, sop_digest
+from services.ingestion.result_store import NewJob, ResultStore
 from services.ingestion.task_queue import ExplanationQueue
 
 logger = logging.getLogger(__name__)
 
 NOTICE = "NOT FOR CLINICAL USE"
-DISPLAY_MIN_LONG_SIDE = 448
 LATERAL_PREFIX = LateralViewError.reason + ":"
 CLIENT_NAME_MAX = 64
 
@@ -131,18 +133,6 @@ def _check_announced_size(expected: int, max_bytes: int) -> None:
         raise TooLargeError(f"announced size {expected} exceeds the limit of {max_bytes} bytes")
 
 
-def decode_min_side(identity: DicomIdentity, model_size: int, overlay_max_side: int) -> int:
-    """Smallest short side the decoder must deliver for the model input and a useful display image.
-
-    The display's long side is at most ``overlay_max_side`` and, where the decoder can save work (JPEG 2000
-    at reduced resolution), at least ``DISPLAY_MIN_LONG_SIDE``: twice a usual model input, finer than any
-    Grad-CAM grid, so decoding a large J2K file costs tens of milliseconds instead of most of a second.
-    """
-    short, long = sorted((max(1, identity.rows), max(1, identity.columns)))
-    display_long = min(overlay_max_side, DISPLAY_MIN_LONG_SIDE, long)
-    return max(model_size, math.ceil(short * display_long / long))
-
-
 def model_info(document: dict, manifest: Manifest) -> pb.ModelInfo:
     """The handler's ``model`` section -> ModelInfo, checked against our manifest."""
     model = document["model"]
@@ -220,7 +210,6 @@ class AnalyzePipeline:
         max_upload_bytes: int,
         max_concurrent: int,
         lateral_policy: str,
-        overlay_max_side: int,
     ) -> None:
         self.manifest = manifest
         self._inference = inference
@@ -230,12 +219,6 @@ class AnalyzePipeline:
         self._max_upload_bytes = max_upload_bytes
         self._limit = ConcurrencyLimit(max_concurrent, "Analyze calls")
         self._policy = DecodePolicy(lateral=lateral_policy)
-        self._overlay_max_side = overlay_max_side
-        self._display_pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="display")
-
-    def close(self) -> None:
-        """Stop the display encoder threads (after the gRPC server has stopped)."""
-        self._display_pool.shutdown(wait=True, cancel_futures=True)
 
     def analyze(self, requests: Iterable[pb.AnalyzeRequest], time_remaining: float | None = None) -> pb.AnalyzeResponse:
         """Run Analyze. ``time_remaining``: seconds left of the caller's deadline (None = none).
@@ -280,7 +263,7 @@ class AnalyzePipeline:
         response = pb.AnalyzeResponse.FromString(blob)
         if self._policy.lateral == "reject" and any(w.startswith(LATERAL_PREFIX) for w in response.warnings):
             raise LateralViewError("the stored result is of a lateral view, which this service rejects")
-        if want_explanation and (self._store.job_state(response.job_id) or {}).get("status") in (None, "skipped"):
+        if want_explanation and self._explanation_gone(response.job_id):
             return None
         response.cached = True
         response.timings_ms.clear()
@@ -288,21 +271,21 @@ class AnalyzePipeline:
         logger.info("cache hit for sop#%s", key.rsplit(":", 1)[-1][:12])
         return response
 
+    def _explanation_gone(self, job_id: str) -> bool:
+        """True when no explanation will come for the job: it was skipped, or its job has expired."""
+        return (self._store.job_state(job_id) or {}).get("status") in (None, JobStatus.SKIPPED)
+
     def _analyze_new(
         self, upload: Upload, identity: DicomIdentity, key: str | None, timer: StageTimer, time_remaining: float | None
     ) -> pb.AnalyzeResponse:
         spec = self.manifest.preprocess
-        with timer.stage("decode"):
-            min_side = decode_min_side(identity, spec.size, self._overlay_max_side)
-            decoded = decode_radiograph(upload.data, min_side=min_side, policy=self._policy)
+        with timer.stage("decode"):  # only the resolution the model needs; the worker makes the display image
+            decoded = decode_radiograph(upload.data, min_side=spec.size, policy=self._policy)
         with timer.stage("preprocess"):
             model_input = encode_input(prepare_image(decoded.pixels, spec))
-        # The display image is encoded while TorchServe computes (zlib and Pillow release the GIL).
-        display_job: Future[bytes] = self._display_pool.submit(display_png, decoded.pixels, self._overlay_max_side)
         with timer.stage("inference"):
             prediction = self._inference.predict(model_input, timeout_s=self._inference_timeout(time_remaining))
-        with timer.stage("display"):
-            display = display_job.result()
+        explain = not upload.metadata.skip_explanation
         response = build_response(decoded.identity, prediction, self.manifest)
         response.warnings.extend(decoded.warnings)
         response.job_id = uuid.uuid4().hex
@@ -311,11 +294,11 @@ class AnalyzePipeline:
             result_key=key,
             response=response.SerializeToString(),
             model_input=model_input,
-            display_png=display,
+            dicom=upload.data if explain else None,
             findings_json=prediction.raw,
             model_name=response.model.name,
             model_version=response.model.version,
-            status="skipped" if upload.metadata.skip_explanation else "queued",
+            status=JobStatus.QUEUED if explain else JobStatus.SKIPPED,
         )
         with timer.stage("store"):
             self._store_and_enqueue(job)
@@ -330,7 +313,7 @@ class AnalyzePipeline:
 
     def _store_and_enqueue(self, job: NewJob) -> None:
         self._store.save(job)
-        if job.status != "queued":
+        if job.status != JobStatus.QUEUED:
             return
         try:
             self._queue.enqueue(job.job_id)

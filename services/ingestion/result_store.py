@@ -1,4 +1,5 @@
-"""Results and explanation jobs in Redis (keys and contents: docs/ARCHITECTURE.md, "Redis keys").
+"""Results and explanation jobs in Redis (keys and contents: docs/ARCHITECTURE.md, "Redis keys"; every key name,
+status and timestamp comes from ``cxr.core.jobs``, shared with the worker).
 
 Everything one Analyze writes goes in one MULTI/EXEC transaction with the same TTL, so a reader sees all of
 it or none of it. Redis being unreachable is ``StoreUnavailableError`` (UNAVAILABLE, retry later).
@@ -6,9 +7,7 @@ it or none of it. Redis being unreachable is ``StoreUnavailableError`` (UNAVAILA
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ import redis
 import redis.exceptions
 
 from cxr.core.errors import DependencyUnavailableError
+from cxr.core.jobs import JobStatus, blob_key, dicom_key, findings_key, input_key, job_key, new_job_fields
 
 logger = logging.getLogger(__name__)
 
-JOB_BLOBS = ("input", "display", "findings", "heatmaps")
 REDIS_TIMEOUT_S = 2.0
 
 
@@ -28,28 +27,6 @@ class StoreUnavailableError(DependencyUnavailableError):
     """Redis did not answer; nothing of this request is known to be stored."""
 
     reason = "STORE_UNAVAILABLE"
-
-
-def sop_digest(sop_instance_uid: str) -> str:
-    """The SOP Instance UID as it may appear in keys and logs: first 32 hex digits of its SHA-256."""
-    return hashlib.sha256(sop_instance_uid.encode("utf-8")).hexdigest()[:32]
-
-
-def result_key(model_version: str, sop_instance_uid: str) -> str:
-    """Key of the cached AnalyzeResponse of one SOP instance analysed by one ensemble version."""
-    return f"cxr:result:{model_version}:{sop_digest(sop_instance_uid)}"
-
-
-def job_key(job_id: str) -> str:
-    """Key of a job's state hash."""
-    return f"cxr:job:{job_id}"
-
-
-def blob_key(job_id: str, name: str) -> str:
-    """Key of one of a job's blobs (``input``, ``display``, ``findings``, ``heatmaps``)."""
-    if name not in JOB_BLOBS:
-        raise ValueError(f"unknown job blob {name!r}")
-    return f"{job_key(job_id)}:{name}"
 
 
 @dataclass(frozen=True)
@@ -60,11 +37,11 @@ class NewJob:
     result_key: str | None  # None when the instance has no SOP Instance UID (nothing to cache under)
     response: bytes  # serialized AnalyzeResponse
     model_input: bytes  # npy, wire format
-    display_png: bytes
+    dicom: bytes | None  # the uploaded file, for the worker's display image; None when no explanation is queued
     findings_json: bytes  # TorchServe's answer as sent
     model_name: str
     model_version: str
-    status: str  # "queued", or "skipped" when no explanation was asked for
+    status: JobStatus  # QUEUED, or SKIPPED when no explanation was asked for
 
 
 @contextmanager
@@ -106,33 +83,24 @@ class ResultStore:
         return None if value is None else bytes(value)  # type: ignore[arg-type]
 
     def save(self, job: NewJob) -> None:
-        """Write result, job hash and blobs atomically, all with the store's TTL."""
-        now = f"{time.time():.3f}"
-        state = {
-            "status": job.status,
-            "progress": "0",
-            "message": "explanation not requested" if job.status == "skipped" else "waiting for a worker",
-            "failure_reason": "",
-            "attempts": "0",
-            "created": now,
-            "updated": now,
-            "model_name": job.model_name,
-            "model_version": job.model_version,
-        }
+        """Write result, job hash and blobs (``:dicom`` only when given) atomically, all with the store's TTL."""
+        message = "explanation not requested" if job.status == JobStatus.SKIPPED else "waiting for a worker"
+        state = new_job_fields(job.status, message, model_name=job.model_name, model_version=job.model_version)
         with store_errors():
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(job_key(job.job_id), mapping=state)  # type: ignore[arg-type]
             pipe.expire(job_key(job.job_id), self.ttl_s)
-            pipe.set(blob_key(job.job_id, "input"), job.model_input, ex=self.ttl_s)
-            pipe.set(blob_key(job.job_id, "display"), job.display_png, ex=self.ttl_s)
-            pipe.set(blob_key(job.job_id, "findings"), job.findings_json, ex=self.ttl_s)
+            pipe.set(input_key(job.job_id), job.model_input, ex=self.ttl_s)
+            if job.dicom is not None:
+                pipe.set(dicom_key(job.job_id), job.dicom, ex=self.ttl_s)
+            pipe.set(findings_key(job.job_id), job.findings_json, ex=self.ttl_s)
             if job.result_key is not None:
                 pipe.set(job.result_key, job.response, ex=self.ttl_s)
             pipe.execute()
 
     def discard(self, job: NewJob) -> None:
         """Best effort: remove what ``save`` wrote (used when the job could not be enqueued)."""
-        keys = [job_key(job.job_id)] + [blob_key(job.job_id, n) for n in ("input", "display", "findings")]
+        keys = [job_key(job.job_id)] + [blob_key(job.job_id, n) for n in ("input", "dicom", "findings")]
         if job.result_key is not None:
             keys.append(job.result_key)
         try:

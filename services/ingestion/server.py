@@ -75,7 +75,6 @@ class IngestionServer:
             max_upload_bytes=s.max_upload_bytes,
             max_concurrent=s.max_concurrent,
             lateral_policy=s.lateral_policy,
-            overlay_max_side=s.overlay_max_side,
         )
         workers = s.max_concurrent + MAX_WATCHES + EXTRA_WORKERS
         server = grpc.server(
@@ -138,7 +137,6 @@ class IngestionServer:
         self.health.enter_graceful_shutdown()
         self.view.stop.set()
         self._server.stop(self.settings.grace_s if grace_s is None else grace_s).wait()
-        self.pipeline.close()
         self.metrics.close()
         self.inference.close()
         self.queue.close()

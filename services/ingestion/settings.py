@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from cxr.core import env_settings
+from cxr.core.env_settings import Setting, is_redis_url, non_negative, positive
 
 MIB = 1024 * 1024
 LATERAL_POLICIES = ("reject", "warn")
@@ -36,7 +39,6 @@ class IngestionSettings:
     max_concurrent: int = 8  # CXR_MAX_CONCURRENT: in-flight Analyze calls; more are rejected (OVERLOADED)
     lateral_policy: str = "reject"  # CXR_LATERAL_POLICY: reject | warn
     result_ttl_s: int = 86400  # CXR_RESULT_TTL_S: TTL of every Redis key written
-    overlay_max_side: int = 1024  # CXR_OVERLAY_MAX_SIDE: long side of the stored display image
     inference_timeout_s: float = 30.0  # CXR_INFERENCE_TIMEOUT_S: deadline of one Analyze's inference, retries included
     inference_retries: int = 2  # CXR_INFERENCE_RETRIES: extra attempts when TorchServe is UNAVAILABLE
     grace_s: float = 10.0  # CXR_GRACE_S: graceful shutdown period
@@ -54,10 +56,7 @@ def split_host_port(value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected host:port, got {value!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} outside 0..65535")
-    return host, port
+    return host, _port(port_text)
 
 
 def _address(value: str) -> str:
@@ -72,20 +71,6 @@ def _port(value: str) -> int:
     return port
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n <= 0:
-        raise ValueError(f"must be a positive integer, got {n}")
-    return n
-
-
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise ValueError(f"must be >= 0, got {n}")
-    return n
-
-
 def _positive_float(value: str) -> float:
     x = float(value)
     if not x > 0 or x == float("inf"):
@@ -94,7 +79,7 @@ def _positive_float(value: str) -> float:
 
 
 def _redis_url(value: str) -> str:
-    if not value.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(value):
         raise ValueError(f"expected a redis:// URL, got {value!r}")
     return value
 
@@ -122,63 +107,39 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
 
-def _overlay_side(value: str) -> int:
-    n = int(value)
-    if n < 64:
-        raise ValueError(f"must be >= 64, got {n}")
-    return n
-
-
-@dataclass(frozen=True)
-class _Spec:
-    field: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-
-
-_SPECS: tuple[_Spec, ...] = (
-    _Spec("addr", "CXR_INGESTION_ADDR", _address, "gRPC listen address host:port"),
-    _Spec("metrics_port", "CXR_INGESTION_METRICS_PORT", _port, "Prometheus port (0 = off)"),
-    _Spec("redis_url", "CXR_REDIS_URL", _redis_url, "Redis URL (results, jobs, Celery broker)"),
-    _Spec("torchserve_grpc", "CXR_TORCHSERVE_GRPC", _address, "TorchServe gRPC inference address"),
-    _Spec("torchserve_model", "CXR_TORCHSERVE_MODEL", _non_empty, "model name registered in TorchServe"),
-    _Spec("torchserve_token_file", "CXR_TORCHSERVE_TOKEN_FILE", _optional_path, "TorchServe key_file.json"),
-    _Spec("model_dir", "CXR_MODEL_DIR", _model_dir, "ensemble directory (manifest.json)"),
-    _Spec("max_upload_bytes", "CXR_MAX_UPLOAD_BYTES", _positive_int, "largest accepted DICOM upload"),
-    _Spec("max_concurrent", "CXR_MAX_CONCURRENT", _positive_int, "in-flight Analyze calls"),
-    _Spec("lateral_policy", "CXR_LATERAL_POLICY", _lateral, "reject | warn"),
-    _Spec("result_ttl_s", "CXR_RESULT_TTL_S", _positive_int, "TTL of stored results and jobs (s)"),
-    _Spec("overlay_max_side", "CXR_OVERLAY_MAX_SIDE", _overlay_side, "long side of the display image"),
-    _Spec("inference_timeout_s", "CXR_INFERENCE_TIMEOUT_S", _positive_float, "inference deadline (s)"),
-    _Spec("inference_retries", "CXR_INFERENCE_RETRIES", _non_negative_int, "retries when TorchServe is down"),
-    _Spec("grace_s", "CXR_GRACE_S", _positive_float, "graceful shutdown period (s)"),
-    _Spec("startup_wait_s", "CXR_STARTUP_WAIT_S", _positive_float, "wait for dependencies at start (s)"),
-    _Spec("watch_max_s", "CXR_WATCH_MAX_S", _positive_float, "longest WatchExplanation stream (s)"),
+_SPECS: tuple[Setting, ...] = (
+    Setting("addr", "CXR_INGESTION_ADDR", _address, "gRPC listen address host:port"),
+    Setting("metrics_port", "CXR_INGESTION_METRICS_PORT", _port, "Prometheus port (0 = off)"),
+    Setting("redis_url", "CXR_REDIS_URL", _redis_url, "Redis URL (results, jobs, Celery broker)"),
+    Setting("torchserve_grpc", "CXR_TORCHSERVE_GRPC", _address, "TorchServe gRPC inference address"),
+    Setting("torchserve_model", "CXR_TORCHSERVE_MODEL", _non_empty, "model name registered in TorchServe"),
+    Setting("torchserve_token_file", "CXR_TORCHSERVE_TOKEN_FILE", _optional_path, "TorchServe key_file.json"),
+    Setting("model_dir", "CXR_MODEL_DIR", _model_dir, "ensemble directory (manifest.json)"),
+    Setting("max_upload_bytes", "CXR_MAX_UPLOAD_BYTES", positive(int), "largest accepted DICOM upload"),
+    Setting("max_concurrent", "CXR_MAX_CONCURRENT", positive(int), "in-flight Analyze calls"),
+    Setting("lateral_policy", "CXR_LATERAL_POLICY", _lateral, "reject | warn"),
+    Setting("result_ttl_s", "CXR_RESULT_TTL_S", positive(int), "TTL of stored results and jobs (s)"),
+    Setting("inference_timeout_s", "CXR_INFERENCE_TIMEOUT_S", _positive_float, "inference deadline (s)"),
+    Setting("inference_retries", "CXR_INFERENCE_RETRIES", non_negative(int), "retries when TorchServe is down"),
+    Setting("grace_s", "CXR_GRACE_S", _positive_float, "graceful shutdown period (s)"),
+    Setting("startup_wait_s", "CXR_STARTUP_WAIT_S", _positive_float, "wait for dependencies at start (s)"),
+    Setting("watch_max_s", "CXR_WATCH_MAX_S", _positive_float, "longest WatchExplanation stream (s)"),
 )
-
-
-def _flag(spec: _Spec) -> str:
-    return "--" + spec.field.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m services.ingestion``; every flag overrides its environment variable."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.ingestion",
-        description="cxr ingestion gRPC service (research software: NOT FOR CLINICAL USE)",
+    return env_settings.build_parser(
+        "python -m services.ingestion", "cxr ingestion gRPC service (research software: NOT FOR CLINICAL USE)", _SPECS
     )
-    for spec in _SPECS:
-        parser.add_argument(_flag(spec), dest=spec.field, default=None, help=f"{spec.help} [{spec.env}]")
-    return parser
 
 
-def _raw_value(spec: _Spec, cli: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+def _raw_value(spec: Setting, cli: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     """The text given for one setting (CLI first, then environment); the model directory's default is checked
     like a given value because the service cannot start without it."""
-    raw = cli.get(spec.field)
+    raw = cli.get(spec.name)
     raw = env.get(spec.env) if raw is None else raw
-    if raw is None and spec.field == "model_dir":
+    if raw is None and spec.name == "model_dir":
         raw = str(IngestionSettings.model_dir)
     return raw
 
@@ -196,10 +157,10 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     for spec in _SPECS:
         raw = _raw_value(spec, cli, env)
         if raw is None:
-            values[spec.field] = defaults[spec.field]
+            values[spec.name] = defaults[spec.name]
             continue
         try:
-            values[spec.field] = spec.parse(raw)
+            values[spec.name] = spec.parse(raw)
         except ValueError as e:
             problems.append(f"{spec.env}={raw!r}: {e}")
     if problems:

@@ -1,85 +1,53 @@
-"""The job hash and job keys in Redis (docs/ARCHITECTURE.md, "Redis keys"), as the worker reads and writes them.
+"""The job hash and job keys in Redis as the worker reads and writes them. Key names, statuses and timestamps are
+``cxr.core.jobs``' (one schema for ingestion and worker; docs/ARCHITECTURE.md, "Redis keys").
 
-Ingestion writes ``cxr:job:{id}`` (status queued), ``:input``, ``:display`` and ``:findings``; the worker adds
-``:heatmaps`` and moves the hash through running -> done | failed. Every key written here gets the remaining TTL
-of the job hash (or ``ttl_s`` when the hash has none), so a job's keys expire together.
+Ingestion writes ``cxr:job:{id}`` (status queued), ``:input``, ``:findings`` and ``:dicom`` (the uploaded file);
+the worker moves the hash through running -> done | failed and, when done, has written ``:display`` and
+``:heatmaps`` and deleted ``:dicom``, in one transaction with the status. Every key written here gets the
+remaining TTL of the job hash (or ``ttl_s`` when the hash has none), so a job's keys expire together.
 
-Timestamps (``created``, ``updated``) are Unix epoch seconds as decimal strings; ``parse_timestamp`` also
-accepts ISO 8601. No patient data is ever written or logged here: a job is named by its random id only.
+No patient data is ever written or logged here: a job is named by its random id only.
 """
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Mapping
-from datetime import datetime
-from enum import StrEnum
 
 import redis
 from redis.typing import EncodableT, FieldT
 
-from cxr.core.errors import CxrError, InvalidInputError, NotFoundError
+from cxr.core.errors import CxrError, NotFoundError
+from cxr.core.jobs import (
+    TERMINAL,
+    JobStatus,
+    check_job_id,
+    dicom_key,
+    display_key,
+    findings_key,
+    heatmaps_key,
+    input_key,
+    job_key,
+    now_timestamp,
+    parse_timestamp,
+)
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
+__all__ = [
+    "TERMINAL",
+    "Fields",
+    "JobStatus",
+    "JobStore",
+    "check_job_id",
+    "dicom_key",
+    "display_key",
+    "findings_key",
+    "heatmaps_key",
+    "input_key",
+    "job_key",
+    "now_timestamp",
+    "parse_timestamp",
+]  # the schema names are re-exported for the worker's callers and tests
 
 Fields = dict[FieldT, EncodableT]
-TERMINAL = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.SKIPPED})
-
-
-def job_key(job_id: str) -> str:
-    return f"cxr:job:{job_id}"
-
-
-def input_key(job_id: str) -> str:
-    return f"cxr:job:{job_id}:input"
-
-
-def display_key(job_id: str) -> str:
-    return f"cxr:job:{job_id}:display"
-
-
-def findings_key(job_id: str) -> str:
-    return f"cxr:job:{job_id}:findings"
-
-
-def heatmaps_key(job_id: str) -> str:
-    return f"cxr:job:{job_id}:heatmaps"
-
-
-def check_job_id(job_id: object) -> str:
-    """Return ``job_id`` if it is a uuid4 hex string; raise InvalidInputError (BAD_JOB_ID) otherwise."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-        raise InvalidInputError("job id must be 32 lowercase hex digits", reason="BAD_JOB_ID")
-    return job_id
-
-
-def now_timestamp() -> str:
-    """Current time as the job hash stores it (epoch seconds, millisecond precision)."""
-    return f"{time.time():.3f}"
-
-
-def parse_timestamp(text: str | None) -> float | None:
-    """Epoch seconds or ISO 8601 text -> epoch seconds; None when absent or unreadable."""
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
 
 
 class JobStore:
@@ -117,11 +85,25 @@ class JobStore:
             raise NotFoundError("the job's model input is missing or has expired", reason="JOB_INPUT_MISSING")
         return blob  # type: ignore[return-value]
 
-    def finish(self, job_id: str, heatmaps: bytes) -> None:
-        """Store the packed heatmaps and mark the job done (one transaction)."""
+    def read_dicom(self, job_id: str) -> bytes:
+        """The uploaded DICOM file. Raises NotFoundError (JOB_DICOM_MISSING) when missing or expired."""
+        blob = self._redis.get(dicom_key(job_id))
+        if blob is None:
+            raise NotFoundError("the job's DICOM file is missing or has expired", reason="JOB_DICOM_MISSING")
+        return blob  # type: ignore[return-value]
+
+    def read_display(self, job_id: str) -> bytes | None:
+        """The display PNG, when a job already has one (written by an ingestion older than ``:dicom``)."""
+        return self._redis.get(display_key(job_id))  # type: ignore[return-value]
+
+    def finish(self, job_id: str, heatmaps: bytes, display: bytes) -> None:
+        """Store the packed heatmaps and the display PNG, delete the DICOM file and mark the job done (one
+        transaction: ``:display`` appears and ``:dicom`` goes exactly when the job is done)."""
         ttl_ms = self._job_ttl_ms(job_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(heatmaps_key(job_id), heatmaps, px=ttl_ms)
+        pipe.set(display_key(job_id), display, px=ttl_ms)
+        pipe.delete(dicom_key(job_id))
         pipe.hset(job_key(job_id), mapping=self._fields(JobStatus.DONE, "explanations ready", 1.0, failure_reason=""))
         pipe.pexpire(job_key(job_id), ttl_ms)
         pipe.execute()

@@ -21,17 +21,20 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr.core import env_settings
+from cxr.core.env_settings import Setting, is_redis_url, non_negative, positive
 from cxr.core.errors import CxrError
 
 QUEUE = "explain"
 TASK_NAME = "cxr.explain"
 APP_NAME = "cxr"
 MAX_HEATMAP_GRID = 512  # cxr.explain.compute.MAX_GRID (not imported: this module must stay free of torch)
+MIN_OVERLAY_SIDE = 64  # a smaller display image makes unreadable overlays
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -54,6 +57,7 @@ class WorkerSettings:
     metrics_host: str = "127.0.0.1"
     ready_file: Path | None = None
     heatmap_grid: int = 64
+    overlay_max_side: int = 1024
     result_ttl_s: int = 86400
     soft_time_limit_s: float = 120.0
     time_limit_s: float = 180.0
@@ -87,74 +91,48 @@ class WorkerSettings:
         return self.retry_backoff_s * 2 ** max(0, self.max_retries - 1)
 
 
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-    cli: bool = True  # False: environment only
-
-
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
-
-
 def _loglevel(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {LOG_LEVELS}")
     return text.lower()
 
 
-FIELDS: tuple[_Field, ...] = (
-    _Field("model_dir", "CXR_MODEL_DIR", Path, "ensemble directory (manifest.json + weights); required"),
-    _Field("redis_url", "CXR_REDIS_URL", str, "Redis URL: Celery broker and job store"),
-    _Field("concurrency", "CXR_WORKER_CONCURRENCY", _positive(int), "prefork pool children"),
-    _Field("loglevel", "CXR_WORKER_LOGLEVEL", _loglevel, "log level"),
-    _Field("hostname", "CXR_WORKER_HOSTNAME", str, "Celery node name (default unique per process)"),
-    _Field("metrics_port", "CXR_WORKER_METRICS_PORT", _non_negative(int), "Prometheus port, 0 = off"),
-    _Field("metrics_host", "CXR_WORKER_METRICS_HOST", str, "Prometheus bind address"),
-    _Field("ready_file", "CXR_WORKER_READY_FILE", Path, "file written once the worker and its models are ready"),
-    _Field("heatmap_grid", "CXR_HEATMAP_GRID", _positive(int), "side of the stored heatmaps"),
-    _Field("result_ttl_s", "CXR_RESULT_TTL_S", _positive(int), "TTL of job keys without one"),
-    _Field("soft_time_limit_s", "CXR_TASK_SOFT_TIME_LIMIT_S", _positive(float), "soft time limit per task"),
-    _Field("time_limit_s", "CXR_TASK_TIME_LIMIT_S", _positive(float), "hard time limit per task"),
-    _Field("max_retries", "CXR_TASK_MAX_RETRIES", _non_negative(int), "retries after transient errors"),
-    _Field("retry_backoff_s", "CXR_TASK_RETRY_BACKOFF_S", _positive(float), "first retry countdown (doubles)"),
-    _Field("max_attempts", "CXR_TASK_MAX_ATTEMPTS", _positive(int), "deliveries of one job before it fails"),
-    _Field("torch_threads", "CXR_TORCH_THREADS", _non_negative(int), "torch threads per child, 0 = auto"),
-    _Field("visibility_timeout_s", "CXR_VISIBILITY_TIMEOUT_S", _positive(int), "redelivery after a lost worker"),
-    _Field("unacked_restore_interval_s", "CXR_UNACKED_RESTORE_INTERVAL_S", _positive(int), "redelivery sweep"),
-    _Field("proc_alive_timeout_s", "CXR_WORKER_PROC_ALIVE_TIMEOUT_S", _positive(float), "child start limit"),
-    _Field("redis_socket_timeout_s", "CXR_REDIS_SOCKET_TIMEOUT_S", _positive(float), "Redis socket timeout"),
-    _Field("task_test_delay_s", "CXR_TASK_TEST_DELAY_S", _non_negative(float), "TEST ONLY", cli=False),
+FIELDS: tuple[Setting, ...] = (
+    Setting("model_dir", "CXR_MODEL_DIR", Path, "ensemble directory (manifest.json + weights); required"),
+    Setting("redis_url", "CXR_REDIS_URL", str, "Redis URL: Celery broker and job store"),
+    Setting("concurrency", "CXR_WORKER_CONCURRENCY", positive(int), "prefork pool children"),
+    Setting("loglevel", "CXR_WORKER_LOGLEVEL", _loglevel, "log level"),
+    Setting("hostname", "CXR_WORKER_HOSTNAME", str, "Celery node name (default unique per process)"),
+    Setting("metrics_port", "CXR_WORKER_METRICS_PORT", non_negative(int), "Prometheus port, 0 = off"),
+    Setting("metrics_host", "CXR_WORKER_METRICS_HOST", str, "Prometheus bind address"),
+    Setting("ready_file", "CXR_WORKER_READY_FILE", Path, "file written once the worker and its models are ready"),
+    Setting("heatmap_grid", "CXR_HEATMAP_GRID", positive(int), "side of the stored heatmaps"),
+    Setting("overlay_max_side", "CXR_OVERLAY_MAX_SIDE", positive(int), "long side of the display image (>= 64)"),
+    Setting("result_ttl_s", "CXR_RESULT_TTL_S", positive(int), "TTL of job keys without one"),
+    Setting("soft_time_limit_s", "CXR_TASK_SOFT_TIME_LIMIT_S", positive(float), "soft time limit per task"),
+    Setting("time_limit_s", "CXR_TASK_TIME_LIMIT_S", positive(float), "hard time limit per task"),
+    Setting("max_retries", "CXR_TASK_MAX_RETRIES", non_negative(int), "retries after transient errors"),
+    Setting("retry_backoff_s", "CXR_TASK_RETRY_BACKOFF_S", positive(float), "first retry countdown (doubles)"),
+    Setting("max_attempts", "CXR_TASK_MAX_ATTEMPTS", positive(int), "deliveries of one job before it fails"),
+    Setting("torch_threads", "CXR_TORCH_THREADS", non_negative(int), "torch threads per child, 0 = auto"),
+    Setting("visibility_timeout_s", "CXR_VISIBILITY_TIMEOUT_S", positive(int), "redelivery after a lost worker"),
+    Setting("unacked_restore_interval_s", "CXR_UNACKED_RESTORE_INTERVAL_S", positive(int), "redelivery sweep"),
+    Setting("proc_alive_timeout_s", "CXR_WORKER_PROC_ALIVE_TIMEOUT_S", positive(float), "child start limit"),
+    Setting("redis_socket_timeout_s", "CXR_REDIS_SOCKET_TIMEOUT_S", positive(float), "Redis socket timeout"),
+    Setting("task_test_delay_s", "CXR_TASK_TEST_DELAY_S", non_negative(float), "TEST ONLY", cli=False),
 )
 
 
 def _check_ranges(s: WorkerSettings) -> None:
     if s.metrics_port > 65535:
         raise SettingsError(f"CXR_WORKER_METRICS_PORT {s.metrics_port} is not a port")
+    if s.overlay_max_side < MIN_OVERLAY_SIDE:
+        raise SettingsError(f"CXR_OVERLAY_MAX_SIDE must be at least {MIN_OVERLAY_SIDE}, got {s.overlay_max_side}")
     if s.heatmap_grid > MAX_HEATMAP_GRID:
         raise SettingsError(f"CXR_HEATMAP_GRID must be at most {MAX_HEATMAP_GRID}")
     if s.max_attempts <= s.max_retries:
         raise SettingsError("CXR_TASK_MAX_ATTEMPTS must exceed CXR_TASK_MAX_RETRIES (first try + retries)")
-    if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(s.redis_url):
         raise SettingsError(f"CXR_REDIS_URL must be a redis:// URL, got {s.redis_url.split('@')[-1]!r}")
 
 
@@ -168,22 +146,14 @@ def _check_consistency(s: WorkerSettings) -> None:
         )
 
 
-def _flag(field: _Field) -> str:
-    return "--" + field.name.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m services.worker``: one flag per setting, all optional."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.worker",
-        description="cxr explanation worker (Celery). Research software: NOT FOR CLINICAL USE.",
+    return env_settings.build_parser(
+        "python -m services.worker", "cxr explanation worker (Celery). Research software: NOT FOR CLINICAL USE.", FIELDS
     )
-    for field in (f for f in FIELDS if f.cli):
-        parser.add_argument(_flag(field), dest=field.name, default=None, help=f"{field.help} [{field.env}]")
-    return parser
 
 
-def _resolve(field: _Field, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Any:
+def _resolve(field: Setting, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Any:
     text = cli.get(field.name) if field.cli else None
     if text is None:
         text = environ.get(field.env) or None
@@ -192,7 +162,7 @@ def _resolve(field: _Field, cli: Mapping[str, str | None], environ: Mapping[str,
     try:
         return field.parse(text)
     except ValueError as e:
-        raise SettingsError(f"{field.env} / {_flag(field)}: {e}") from e
+        raise SettingsError(f"{field.env} / {field.flag}: {e}") from e
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerSettings:

@@ -9,7 +9,6 @@ the parent shut the worker down (exit status 3) instead of serving with a broken
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cxr.core.errors import ManifestError
-from cxr.core.manifest import Manifest, read_manifest
+from cxr.core.manifest import Manifest, checked_weights_path, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +49,6 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_bundle(model_dir: Path) -> Manifest:
     """Read the manifest and check every weights file exists and matches its sha256 (no torch needed).
 
@@ -66,11 +56,7 @@ def check_bundle(model_dir: Path) -> Manifest:
     """
     manifest = read_manifest(model_dir)
     for entry in manifest.models:
-        path = model_dir / entry.weights
-        if not path.is_file():
-            raise ManifestError(f"weights {entry.weights} of model {entry.name} missing in {model_dir}")
-        if entry.sha256 and _sha256(path) != entry.sha256:
-            raise ManifestError(f"weights {entry.weights} do not match the manifest's sha256")
+        checked_weights_path(model_dir, entry)
     return manifest
 
 

@@ -1,11 +1,15 @@
 """The ``cxr.explain`` task: thin transport around ``run_job`` (read the job from Redis, explain, store).
 
-Message: ``args=[job_id]`` and nothing else; the pixels travel through Redis. Outcomes:
+Message: ``args=[job_id]`` and nothing else; the pixels travel through Redis. A job: read the model input, make
+the display image from the uploaded DICOM file (``:dicom``, decoded by the same core as Analyze, at the resolution
+``CXR_OVERLAY_MAX_SIDE`` needs), compute the heatmaps, then store heatmaps and display, delete ``:dicom`` and mark
+the job done in one transaction. Outcomes:
 
-* done: heatmaps stored, hash ``done`` at progress 1.0;
+* done: heatmaps and display image stored, ``:dicom`` deleted, hash ``done`` at progress 1.0;
 * noop: the job is already done / failed / skipped (a redelivered or duplicate message): nothing is written;
-* failed: a permanent error (job or input missing or expired, bad input, model mismatch or bad bundle, time
-  limit, too many deliveries, a bug); the hash gets ``failed`` and ``failure_reason`` ``"REASON: message"``;
+* failed: a permanent error (job, input or DICOM file missing or expired, bad input, a DICOM file that does not
+  decode at display resolution (its decoder's reason: CORRUPT_PIXEL_DATA, ...), model mismatch or bad bundle,
+  time limit, too many deliveries, a bug); the hash gets ``failed`` and ``failure_reason`` ``"REASON: message"``;
 * retry: a transient Redis error; the hash goes back to ``queued`` and the task is retried with exponential
   backoff, at most ``max_retries`` times, then failed (RETRIES_EXHAUSTED).
 
@@ -32,6 +36,7 @@ from cxr.core.errors import CxrError, DependencyUnavailableError, ManifestError,
 from cxr.core.manifest import Manifest
 from cxr.core.wire import decode_input
 from cxr.explain.compute import compute_heatmaps
+from cxr.explain.display import display_from_dicom
 from cxr.explain.heatmap_store import pack_heatmaps
 from cxr.models.bundle import EnsembleNet, load_ensemble
 from services.worker import metrics
@@ -164,9 +169,27 @@ def run_job(store: JobStore, job_id: str, s: WorkerSettings) -> str:
     if s.task_test_delay_s > 0:
         time.sleep(s.task_test_delay_s)  # TEST ONLY (CXR_TASK_TEST_DELAY_S): a window to kill a running task
     x = decode_input(store.read_input(job_id), manifest.preprocess)
+    display = display_image(store, job_id, s.overlay_max_side)
     heatmaps = compute_heatmaps(ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id))
-    store.finish(job_id, pack_heatmaps(heatmaps))
+    store.finish(job_id, pack_heatmaps(heatmaps), display)
     return "done"
+
+
+def display_image(store: JobStore, job_id: str, max_side: int) -> bytes:
+    """The job's display PNG (long side <= ``max_side``), made from its ``:dicom`` file. A job queued by an
+    ingestion of the previous release has a ``:display`` and no ``:dicom``: it keeps its display.
+
+    Raises NotFoundError (JOB_DICOM_MISSING) when the job has neither, and the decoder's CxrError (NOT_DICOM,
+    TRUNCATED_DICOM, CORRUPT_PIXEL_DATA, ...) when the file does not decode at display resolution.
+    """
+    try:
+        data = store.read_dicom(job_id)
+    except NotFoundError:
+        legacy = store.read_display(job_id)
+        if legacy is None:
+            raise
+        return legacy
+    return display_from_dicom(data, max_side)
 
 
 def _fail(job_id: str, error: CxrError, started: float) -> str:

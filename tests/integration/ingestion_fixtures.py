@@ -7,10 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,95 +21,40 @@ import pydicom
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from support import DATA, free_ports, redis_server_in
+from support import REPO as REPO  # REPO, ensemble and wait_until: re-exported for test_ingestion.py
+from support import ensemble as ensemble
+from support import wait_until as wait_until
 
 from cxr.core.manifest import Manifest
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from cxr.ingestion.v1 import ingestion_pb2_grpc as pb_grpc
-from cxr.models.testing import make_random_ensemble
 from cxr.serving.archive import build_archive
 from cxr.serving.torchserve_process import TorchServe, TorchServeSettings
 from services.ingestion.server import IngestionServer
 from services.ingestion.settings import IngestionSettings
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
 DICOM = DATA / "dicom"
 GOOD_DICOMS = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "siim_pneumothorax_negative.dcm", "nih_no_finding_dx.dcm")
 MODEL = "cxr"
-SIZE = 64
 CHUNK = 256 * 1024
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 # -- redis-server ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ingestion_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a free loopback port, persistence off. Yields its URL."""
-    (port,) = free_ports(1)
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [*args, "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        wait_until(lambda: _pong(client), 10, "redis-server to answer PING")
-        yield url
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _pong(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+    with redis_server_in(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
 def rds(ingestion_redis: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(ingestion_redis, socket_timeout=10)
-    try:
+    with redis.Redis.from_url(ingestion_redis, socket_timeout=10) as client:
         yield client
-    finally:
-        client.close()
 
 
 # -- ensemble and TorchServe -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ensemble(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
-    """A tiny random 2-model ensemble at 64 px (never downloaded weights)."""
-    out = tmp_path_factory.mktemp("ensemble")
-    return out, make_random_ensemble(out, size=SIZE)
-
-
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory: pytest.TempPathFactory, ensemble: tuple[Path, Manifest]) -> Iterator[TorchServe]:
     """REAL TorchServe serving the ensemble archive on free loopback ports, token authorisation on."""

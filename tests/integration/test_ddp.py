@@ -15,13 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cxr.stack.processes import free_port
 from training.data.load import load_dataset
 from training.splits import make_split
 
@@ -30,12 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621"
 GLOBAL_BATCH = 8
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _args(split: Path, out: Path, batch: int) -> list[str]:
@@ -55,7 +49,7 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path: 
     make_split(load_dataset(NIH), seed=0).save(split)
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]  # fmt: skip
+                f"--master_port={free_port()}"]  # fmt: skip
     cmd = [*launcher, "-m", "training.train", *_args(split, ddp_dir, GLOBAL_BATCH // 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -50,17 +50,19 @@ from ingestion_fixtures import analyze as analyze_file
 from PIL import Image
 
 from cxr.core.errors import DependencyUnavailableError
+from cxr.core.jobs import dicom_key, display_key, result_key
 from cxr.core.manifest import Manifest, write_manifest
 from cxr.core.wire import decode_input
 from cxr.explain.compute import compute_heatmaps
+from cxr.explain.display import display_from_dicom
 from cxr.explain.heatmap_store import pack_heatmaps, unpack_heatmaps
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from cxr.ingestion.v1 import ingestion_pb2_grpc as pb_grpc
 from cxr.models.bundle import load_ensemble
 from cxr.serving.torchserve_process import TorchServe
 from cxr.vendor.torchserve import inference_pb2, inference_pb2_grpc
-from services.ingestion.result_store import result_key
 from services.ingestion.task_queue import ExplanationQueue
+from services.worker.job_state import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,7 +94,8 @@ def test_real_dicoms_get_every_finding_with_identity_echoed(
 ) -> None:
     manifest = ensemble[1]
     header = pydicom.dcmread(REPO.parent / "shared" / "data" / "dicom" / name, stop_before_pixels=True)
-    r = analyze_file(svc.stub, dicom_bytes(name), skip_cache=True)
+    data = dicom_bytes(name)
+    r = analyze_file(svc.stub, data, skip_cache=True)
     assert (r.identity.study_instance_uid, r.identity.series_instance_uid, r.identity.sop_instance_uid) == (
         header.StudyInstanceUID,
         header.SeriesInstanceUID,
@@ -107,7 +110,7 @@ def test_real_dicoms_get_every_finding_with_identity_echoed(
     assert r.model.ensemble_rule == "ctp" and "NOT FOR CLINICAL USE" in r.model.intended_use
     assert [f.label for f in r.findings] == list(manifest.labels)
     assert r.notice == "NOT FOR CLINICAL USE" and not r.cached and len(r.job_id) == 32
-    assert {"receive", "decode", "preprocess", "inference", "store", "total"} <= set(r.timings_ms)
+    assert set(r.timings_ms) == {"receive", "decode", "preprocess", "inference", "store", "total"}
     # the findings are TorchServe's answer to exactly the input that was stored for the explanation worker
     blob = rds.get(f"cxr:job:{r.job_id}:input")
     assert isinstance(blob, bytes) and decode_input(blob, manifest.preprocess).shape == (1, 64, 64)
@@ -117,12 +120,11 @@ def test_real_dicoms_get_every_finding_with_identity_echoed(
         assert finding.votes == expected["votes"] and finding.n_models == 2 and finding.positive == expected["positive"]
         assert dict(finding.model_probabilities) == pytest.approx(expected["model_probabilities"], abs=1e-6)
         assert finding.threshold == pytest.approx(0.5)
-    # job state, blobs with TTL, and the Celery message
+    # job state, blobs with TTL (the uploaded file for the worker's display image, no display yet), the message
     assert rds.hget(f"cxr:job:{r.job_id}", "status") == b"queued"
-    for key in (f"cxr:job:{r.job_id}", *(f"cxr:job:{r.job_id}:{b}" for b in ("input", "display", "findings"))):
+    for key in (f"cxr:job:{r.job_id}", *(f"cxr:job:{r.job_id}:{b}" for b in ("input", "dicom", "findings"))):
         assert 0 < rds.ttl(key) <= 86400
-    with Image.open(io.BytesIO(rds.get(f"cxr:job:{r.job_id}:display"))) as display:  # type: ignore[arg-type]
-        assert display.mode == "L" and 64 <= max(display.size) <= 1024
+    assert rds.get(dicom_key(r.job_id)) == data and not rds.exists(display_key(r.job_id))
     assert r.job_id in queued_job_ids(rds)
 
 
@@ -221,6 +223,7 @@ def test_the_same_sop_instance_is_answered_from_the_cache(svc: Running, rds: red
 def test_skip_explanation_stores_a_skipped_job_and_enqueues_nothing(svc: Running, rds: redis.Redis) -> None:
     r = analyze_file(svc.stub, dicom_bytes("siim_pneumothorax_negative.dcm"), skip_cache=True, skip_explanation=True)
     assert rds.hget(f"cxr:job:{r.job_id}", "status") == b"skipped"
+    assert rds.exists(f"cxr:job:{r.job_id}:input") and not rds.exists(dicom_key(r.job_id))  # no worker will need it
     assert r.job_id not in queued_job_ids(rds)
     progress = list(svc.stub.WatchExplanation(pb.WatchExplanationRequest(job_id=r.job_id), timeout=10))
     assert [p.status for p in progress] == [pb.JOB_STATUS_SKIPPED]
@@ -374,14 +377,13 @@ def test_unknown_jobs_are_not_found(svc: Running) -> None:
 
 
 def _finish_job(rds: redis.Redis, ensemble: tuple[Path, Manifest], job_id: str) -> bytes:
-    """Do what the worker does for ``job_id``: real Grad-CAM heatmaps of the stored input, status done."""
+    """Do what the worker does for ``job_id`` with the worker's own pieces: real Grad-CAM heatmaps of the stored
+    input, the display image from the stored DICOM file, both stored with status done (``:dicom`` deleted)."""
     manifest, net = load_ensemble(ensemble[0])
     x = decode_input(rds.get(f"cxr:job:{job_id}:input"), manifest.preprocess)  # type: ignore[arg-type]
     blob = pack_heatmaps(compute_heatmaps(net, manifest, x, grid=16))
-    pipe = rds.pipeline(transaction=True)
-    pipe.set(f"cxr:job:{job_id}:heatmaps", blob, ex=3600)
-    pipe.hset(f"cxr:job:{job_id}", mapping={"status": "done", "progress": "1", "message": "done"})
-    pipe.execute()
+    display = display_from_dicom(rds.get(dicom_key(job_id)), 1024)  # type: ignore[arg-type]
+    JobStore(rds, 3600).finish(job_id, blob, display)
     return blob
 
 
@@ -393,11 +395,13 @@ def test_explanations_of_a_done_job_render_pngs(
     assert queued.status == pb.JOB_STATUS_QUEUED and len(queued.labels) == len(r.findings)
     assert not any(label.overlay_png for label in queued.labels)
     heatmaps = unpack_heatmaps(_finish_job(rds, ensemble, r.job_id))
+    assert not rds.exists(dicom_key(r.job_id))
     done = svc.stub.GetExplanation(pb.GetExplanationRequest(job_id=r.job_id, render=True), timeout=60)
     assert done.status == pb.JOB_STATUS_DONE and done.notice == "NOT FOR CLINICAL USE"
     assert done.method == heatmaps.method and done.model.version == ensemble[1].version
     assert [label.label for label in done.labels] == list(ensemble[1].labels)
-    display_size = Image.open(io.BytesIO(rds.get(f"cxr:job:{r.job_id}:display"))).size  # type: ignore[arg-type]
+    display_size = Image.open(io.BytesIO(rds.get(display_key(r.job_id)))).size  # type: ignore[arg-type]
+    assert display_size == (964, 1024)  # RG1: 1841 x 1955 with its long side at the worker's 1024
     for j, (label, finding) in enumerate(zip(done.labels, r.findings, strict=True)):
         assert (label.probability, label.votes, label.positive) == (
             finding.probability,

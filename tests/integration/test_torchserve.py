@@ -6,7 +6,6 @@ TorchServe is started once for the module (~5-20 s here) and stopped by the last
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 import zipfile
@@ -34,6 +33,7 @@ from cxr.serving.torchserve_process import (
     TorchServeSettings,
     ensure_ports_free,
 )
+from cxr.stack.processes import free_ports
 from cxr.vendor.torchserve import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -42,18 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 NIH_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images_512"
 SIZE = 64
 MODEL = "cxr"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago (bind port 0, read, close)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def settings_for(home: Path, store: Path, **kw: object) -> TorchServeSettings:
@@ -169,7 +157,7 @@ def test_worker_runs_the_configured_python_and_loads_the_ensemble(served: Served
     assert f"Python executable: {served.ts.settings.python}" in (logs / "ts_log.log").read_text()
     assert "loaded ensemble cxr-random-test" in (logs / "model_log.log").read_text()
     (described,) = served.ts.describe_model(MODEL)
-    assert described["batchSize"] == 8 and described["maxBatchDelay"] == 5
+    assert described["batchSize"] == 8 and described["maxBatchDelay"] == 2
     assert described["minWorkers"] == described["maxWorkers"] == 1
 
 

@@ -1,5 +1,6 @@
 """The explanation worker for real: redis-server, ``python -m services.worker`` (prefork pool), jobs written as
-ingestion writes them from real NIH radiographs, tasks enqueued by name from a separate Celery producer.
+ingestion writes them (model input, findings and the uploaded DICOM file, a real one from ../shared/data/dicom),
+tasks enqueued by name from a separate Celery producer.
 
 The module's worker runs with CXR_TASK_TEST_DELAY_S=2 (test only): every task sleeps 2 s while its job is
 ``running``, which gives the tests a deterministic window to kill a child or stall Redis mid-task.
@@ -7,12 +8,13 @@ The module's worker runs with CXR_TASK_TEST_DELAY_S=2 (test only): every task sl
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 from celery import Celery
+from PIL import Image
 from worker_fixtures import (
     REPO,
     WorkerProcess,
@@ -36,20 +39,56 @@ from worker_fixtures import (
     wait_status,
     wait_until,
     worker_env,
-    write_job,
 )
+from worker_fixtures import write_job as write_job_hash_and_blobs
 
+from cxr.core.dicom_decode import decode_radiograph
+from cxr.core.jobs import dicom_key, display_key, heatmaps_key, input_key, job_key
 from cxr.core.manifest import Manifest, read_manifest, write_manifest
+from cxr.core.preprocess import prepare_image
 from cxr.core.wire import encode_input
 from cxr.explain.heatmap_store import unpack_heatmaps
-from services.worker.job_state import heatmaps_key, input_key, job_key
 from services.worker.startup import Readiness
 
 pytestmark = pytest.mark.integration
 __all__ = ["ensemble", "producer", "rds", "redis_url"]  # fixtures used by name
 
 DELAY_S = 2.0
+OVERLAY_MAX_SIDE = 256
+DICOM = REPO.parent / "shared" / "data" / "dicom"
+JOB_DICOM = "nih_no_finding_dx.dcm"  # real DX, 1024 x 1024, 1 MB
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def write_job(
+    client: redis.Redis,
+    manifest: Manifest,
+    hash_overrides: Mapping[str, str] | None = None,
+    model_input: bytes | None = None,
+    dicom: bytes | None = None,
+) -> str:
+    """A queued job as the ingestion service writes it from JOB_DICOM: hash, ``:findings``, ``:input`` (unless
+    given, the model input ingestion makes from the file) and ``:dicom`` (the file, unless ``dicom`` replaces it),
+    all with the hash's TTL; no ``:display`` (the worker makes it). Returns the job id."""
+    original = (DICOM / JOB_DICOM).read_bytes()
+    if model_input is None:
+        decoded = decode_radiograph(original, min_side=manifest.preprocess.size)
+        model_input = encode_input(prepare_image(decoded.pixels, manifest.preprocess))
+    data = original if dicom is None else dicom
+    job_id = write_job_hash_and_blobs(client, manifest, hash_overrides=hash_overrides, model_input=model_input)
+    ttl_ms = int(client.pttl(job_key(job_id)))  # type: ignore[arg-type]
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(display_key(job_id))
+    pipe.set(dicom_key(job_id), data, px=ttl_ms)
+    pipe.execute()
+    return job_id
+
+
+def png_size(blob: bytes | None) -> tuple[int, int]:
+    assert blob is not None
+    with Image.open(io.BytesIO(blob)) as image:
+        assert (image.format, image.mode) == ("PNG", "L")
+        return image.size
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +99,7 @@ def worker(
         ensemble[0], redis_url,
         CXR_TASK_TEST_DELAY_S=str(DELAY_S), CXR_TASK_SOFT_TIME_LIMIT_S="20", CXR_TASK_TIME_LIMIT_S="30",
         CXR_VISIBILITY_TIMEOUT_S="60", CXR_TASK_RETRY_BACKOFF_S="0.5", CXR_REDIS_SOCKET_TIMEOUT_S="1",
+        CXR_OVERLAY_MAX_SIDE=str(OVERLAY_MAX_SIDE),
     )  # fmt: skip
     yield from running_worker(tmp_path_factory.mktemp("worker"), env)
 
@@ -77,7 +117,8 @@ def test_job_from_a_real_radiograph_ends_done_with_heatmaps(
     worker: WorkerProcess, rds: redis.Redis, producer: Celery, ensemble: tuple[Path, Manifest]
 ) -> None:
     manifest = ensemble[1]
-    job_id = write_job(rds, manifest, image_index=3)
+    job_id = write_job(rds, manifest)
+    assert rds.exists(dicom_key(job_id)) and not rds.exists(display_key(job_id))
     enqueue(producer, job_id)
 
     running = wait_status(rds, job_id, {"running", "done"}, timeout_s=30)
@@ -95,6 +136,21 @@ def test_job_from_a_real_radiograph_ends_done_with_heatmaps(
     assert np.all((heatmaps.spatial_agreement >= 0) & (heatmaps.spatial_agreement <= 1))
     heatmaps_ttl, job_ttl = rds.pttl(heatmaps_key(job_id)), rds.pttl(job_key(job_id))
     assert 0 < heatmaps_ttl and abs(heatmaps_ttl - job_ttl) < 5000  # type: ignore[operator]
+    # the display image was made from the DICOM file, at CXR_OVERLAY_MAX_SIDE, and the file is gone
+    assert not rds.exists(dicom_key(job_id))
+    assert png_size(rds.get(display_key(job_id))) == (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE)  # type: ignore[arg-type]
+    assert abs(rds.pttl(display_key(job_id)) - job_ttl) < 5000  # type: ignore[operator]
+
+
+def test_a_job_queued_by_the_previous_release_keeps_its_display(
+    worker: WorkerProcess, rds: redis.Redis, producer: Celery, ensemble: tuple[Path, Manifest]
+) -> None:
+    job_id = write_job_hash_and_blobs(rds, ensemble[1])  # ``:display`` written by ingestion, no ``:dicom``
+    display = rds.get(display_key(job_id))
+    enqueue(producer, job_id)
+    done = wait_status(rds, job_id, {"done", "failed"})
+    assert done["status"] == "done", done
+    assert rds.get(display_key(job_id)) == display and rds.exists(heatmaps_key(job_id))
 
 
 def test_redelivered_message_for_a_done_job_is_a_noop(
@@ -141,6 +197,38 @@ def test_bad_or_missing_input_fails_without_retries(
     assert failed["failure_reason"].startswith(f"{reason}: ")
     assert failed["attempts"] == "1"
     assert not rds.exists(heatmaps_key(job_id))
+    samples = worker.metrics()
+    assert _tasks(samples, "retry") == retries and _failures(samples, reason) >= 1
+
+
+@pytest.mark.parametrize(
+    ("dicom", "reason"),
+    [
+        (None, "JOB_DICOM_MISSING"),
+        (b"garbage, not a DICOM file" * 20, "NOT_DICOM"),
+        ((DICOM / "cr_header_only_no_pixels.dcm").read_bytes(), "NO_PIXEL_DATA"),
+    ],
+    ids=["dicom-missing", "dicom-garbage", "dicom-without-pixels"],
+)
+def test_a_missing_or_undecodable_dicom_fails_the_job_with_its_reason(
+    worker: WorkerProcess,
+    rds: redis.Redis,
+    producer: Celery,
+    ensemble: tuple[Path, Manifest],
+    dicom: bytes | None,
+    reason: str,
+) -> None:
+    job_id = write_job(rds, ensemble[1], dicom=dicom)
+    if dicom is None:
+        rds.delete(dicom_key(job_id))
+    retries = _tasks(worker.metrics(), "retry")
+    enqueue(producer, job_id)
+
+    failed = wait_status(rds, job_id, {"done", "failed"})
+
+    assert failed["status"] == "failed" and failed["attempts"] == "1"
+    assert failed["failure_reason"].startswith(f"{reason}: ")
+    assert not rds.exists(heatmaps_key(job_id)) and not rds.exists(display_key(job_id))
     samples = worker.metrics()
     assert _tasks(samples, "retry") == retries and _failures(samples, reason) >= 1
 

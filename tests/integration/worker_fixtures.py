@@ -1,7 +1,7 @@
 """Fixtures and helpers for the explanation worker's integration tests: a real redis-server, a tiny random
 ensemble on disk, the real worker (``python -m services.worker``) as a subprocess, and jobs written exactly as the
-ingestion service writes them. Imported by tests/integration/test_worker.py (tests/integration/conftest.py
-belongs to another area)."""
+ingestion service writes them. Imported by tests/integration/test_worker.py; the redis-server, port and polling
+helpers are support.py's."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,85 +23,37 @@ import redis
 from celery import Celery
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from support import DATA, REPO, free_port, redis_server_in, start_redis_server, wait_until
+from support import ensemble as ensemble  # re-exported for test_worker.py
 
 from cxr.core.manifest import Manifest
 from cxr.core.preprocess import load_image_file, prepare_image
 from cxr.core.wire import encode_input
-from cxr.models.testing import make_random_ensemble
 from services.worker.job_state import Fields, display_key, findings_key, input_key, job_key, now_timestamp
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
 NIH_IMAGES = DATA / "nih-cxr14-621" / "images_512"
 TTL_S = 3600
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 # -- redis-server ------------------------------------------------------------------------------------------------
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir), "--enable-debug-command", "local"]  # DEBUG SLEEP simulates a Redis hiccup
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def pong() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(pong, 10, "redis-server to answer PING")
-    client.close()
-    return proc, url
+    """A private redis-server whose DEBUG command works from loopback (DEBUG SLEEP simulates a Redis hiccup);
+    returns the process (the caller stops it) and its URL."""
+    proc, server = start_redis_server(workdir, debug_command=True)
+    return proc, server.url
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a free loopback port, persistence off; stopped after the module."""
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with redis_server_in(tmp_path_factory.mktemp("redis"), debug_command=True) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
 def rds(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=30)
-    try:
+    with redis.Redis.from_url(redis_url, socket_timeout=30) as client:
         yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="module")
-def ensemble(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
-    """A tiny random 2-model ensemble at 64 px (never downloaded weights)."""
-    out = tmp_path_factory.mktemp("ensemble")
-    return out, make_random_ensemble(out, size=64)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
-"""Manifest validation / round trip, preprocessing and the ingestion -> TorchServe wire format."""
+"""Manifest validation / round trip, weights checks, preprocessing and the ingestion -> TorchServe wire format."""
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cxr.core.errors import InvalidInputError, ManifestError
-from cxr.core.manifest import Manifest, ModelEntry, read_manifest, write_manifest
+from cxr.core.manifest import Manifest, ModelEntry, checked_weights_path, file_sha256, read_manifest, write_manifest
 from cxr.core.preprocess import PreprocessSpec, load_image_file, normalize, prepare_image, resize_square, to_unit_range
 from cxr.core.wire import decode_input, encode_input
 
@@ -53,6 +55,26 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"name": "x"}')
     with pytest.raises(ManifestError, match="malformed"):
         read_manifest(tmp_path)
+
+
+def test_file_sha256_reads_in_chunks_and_equals_the_whole_file_digest(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    data = np.random.default_rng(0).bytes((5 << 20) // 2)  # 2.5 MiB: several 1 MiB chunks and a partial one
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_checked_weights_path_accepts_a_matching_file_and_refuses_missing_or_altered_ones(tmp_path: Path) -> None:
+    entry = ModelEntry("m", "resnet18", "m.pt")
+    with pytest.raises(ManifestError, match="weights m.pt of model m missing in"):
+        checked_weights_path(tmp_path, entry)
+    (tmp_path / "m.pt").write_bytes(b"weights")
+    assert checked_weights_path(tmp_path, entry) == tmp_path / "m.pt"  # no sha256 in the manifest: not checked
+    pinned = replace(entry, sha256=file_sha256(tmp_path / "m.pt"))
+    assert checked_weights_path(str(tmp_path), pinned) == tmp_path / "m.pt"
+    (tmp_path / "m.pt").write_bytes(b"weights, altered")
+    with pytest.raises(ManifestError, match="do not match the manifest's sha256"):
+        checked_weights_path(tmp_path, pinned)
 
 
 def test_to_unit_range_integer_and_float() -> None:

@@ -130,9 +130,10 @@ def test_min_side_picks_the_largest_jpeg2000_reduction_that_is_big_enough(min_si
     assert short == 1841 or short / 2 < min_side
 
 
-def test_min_side_leaves_other_transfer_syntaxes_at_full_resolution() -> None:
+def test_min_side_reduces_other_transfer_syntaxes_by_whole_factors() -> None:
     result = decode_radiograph(read_bytes("siim_pneumothorax_negative.dcm"), min_side=224)
-    assert result.pixels.shape == (1024, 1024) and result.scale == 1.0
+    assert result.pixels.shape == (256, 256) and result.scale == 0.25  # 1024 // 224 = 4 (test_dicom_downsample)
+    assert decode_radiograph(read_bytes("siim_pneumothorax_negative.dcm"), min_side=600).pixels.shape == (1024, 1024)
 
 
 def test_reduced_jpeg2000_decoder_at_level_0_equals_pydicom() -> None:
@@ -543,10 +544,11 @@ def test_deeper_than_16_bit_jpeg2000_is_decoded_at_full_resolution() -> None:
     ds = small_rg1(step=5)
     ds = with_pixels(ds, ds.pixel_array.astype(np.uint32) * 4)  # 17 bits stored in 32-bit words
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.WindowCenter, ds.WindowWidth = 32, 17, 16, 60000, 120000
-    reference = decode_radiograph(to_bytes(ds)).pixels
+    reference = decode_radiograph(to_bytes(ds), min_side=64)  # native: full decode, then 5 x 5 block means
     ds.compress(JPEG2000Lossless)
     result = decode_radiograph(to_bytes(ds), min_side=64)  # Pillow would squeeze 17 bits into 16: not used
-    assert result.scale == 1.0 and np.array_equal(result.pixels, reference)
+    assert result.scale == reference.scale and np.array_equal(result.pixels, reference.pixels)
+    assert result.pixels.shape == (79, 74)
 
 
 def test_a_failed_reduced_jpeg2000_decode_falls_back_and_reports_corruption(caplog: pytest.LogCaptureFixture) -> None:

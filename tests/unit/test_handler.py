@@ -12,21 +12,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from serving_fixtures import ensemble_dir, nih_blobs
 
 from cxr.core.errors import ManifestError
-from cxr.core.preprocess import PreprocessSpec, load_image_file, prepare_image
 from cxr.core.wire import encode_input
 from cxr.models.bundle import load_ensemble
-from cxr.models.testing import make_random_ensemble
 from cxr.serving.runner import EnsembleRunner
 from services.inference import handler as handler_module
 from services.inference.handler import CxrEnsembleHandler
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
-NIH_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images_512"
-SIZE = 64
+__all__ = ["ensemble_dir"]  # fixtures used by name
 
 
 class MockContext:
@@ -39,21 +36,6 @@ class MockContext:
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
-
-
-def nih_blobs(n: int) -> list[bytes]:
-    """The first ``n`` real NIH radiographs in the wire format."""
-    spec = PreprocessSpec(size=SIZE)
-    paths = sorted(NIH_IMAGES.glob("*.png"))[:n]
-    assert len(paths) == n, f"expected {n} images in {NIH_IMAGES}"
-    return [encode_input(prepare_image(load_image_file(p), spec)) for p in paths]
-
-
-@pytest.fixture(scope="module")
-def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ensemble")
-    make_random_ensemble(out, archs=("resnet18", "mobilenet_v3_large"), size=SIZE)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,20 @@
 """The ingestion service's pieces that need no running service: category -> status mapping, the interceptor's
-behaviour on a minimal servicer context, every refusal of the upload and answer readers, and the display PNG
-encoder (checked against Pillow's decoder)."""
+behaviour on a minimal servicer context, every refusal of the upload and answer readers, and the explanation
+reader's job-state parsing."""
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
-from PIL import Image
 
 from cxr.core import errors as core
 from cxr.core.manifest import Manifest, ModelEntry
 from cxr.ingestion.v1 import ingestion_pb2 as pb
-from services.ingestion.display import display_png, grey_png, shrink_to
 from services.ingestion.errors import INTERNAL_DETAILS, REASON_KEY, STATUS_BY_CATEGORY, ErrorInterceptor, status_for
 from services.ingestion.explanation_view import JobNotFoundError, progress_message, select_labels
 from services.ingestion.inference_client import (
@@ -28,7 +24,7 @@ from services.ingestion.inference_client import (
     read_inference_token,
 )
 from services.ingestion.pipeline import ConcurrencyLimit, ModelMismatchError, check_prediction, receive_upload
-from services.ingestion.result_store import StoreUnavailableError, blob_key, result_key
+from services.ingestion.result_store import StoreUnavailableError
 
 pytestmark = pytest.mark.unit
 
@@ -311,15 +307,7 @@ def test_token_file_problems_are_reported_as_inference_unavailable(tmp_path: Pat
             read_inference_token(path)
 
 
-# -- store keys and explanation reading --------------------------------------------------------------------------
-def test_keys_never_contain_the_sop_uid() -> None:
-    uid = "1.2.840.113619.2.55.3.604688119"
-    key = result_key("0.1.0", uid)
-    assert key.startswith("cxr:result:0.1.0:") and uid not in key and len(key.rsplit(":", 1)[1]) == 32
-    with pytest.raises(ValueError):
-        blob_key("0" * 32, "pixels")
-
-
+# -- explanation reading -----------------------------------------------------------------------------------------------
 def test_selecting_an_unknown_label_is_refused() -> None:
     findings = [{"label": "A", "positive": True}, {"label": "B", "positive": False}]
     assert [f["label"] for f in select_labels(findings, [], positive_only=True)] == ["A"]
@@ -333,30 +321,3 @@ def test_unreadable_progress_in_the_job_hash_reads_as_zero() -> None:
     progress = progress_message("0" * 32, {"status": "running", "progress": "half"})
     assert (progress.status, progress.progress) == (pb.JOB_STATUS_RUNNING, 0.0)
     assert progress_message("0" * 32, {"status": "exploded"}).status == pb.JOB_STATUS_UNSPECIFIED
-
-
-# -- display image -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (33, 17), (256, 300)])
-def test_the_display_png_decodes_to_exactly_the_pixels(shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(sum(shape))
-    grey = rng.integers(0, 256, size=shape, dtype=np.uint8)  # noise: every row difference wraps somewhere
-    with Image.open(io.BytesIO(grey_png(grey))) as image:
-        assert (image.format, image.mode, image.size) == ("PNG", "L", (shape[1], shape[0]))
-        np.testing.assert_array_equal(np.asarray(image), grey)
-
-
-def test_the_display_is_shrunk_to_the_long_side_and_never_enlarged() -> None:
-    ramp = np.linspace(0.0, 1.0, 300 * 200, dtype=np.float32).reshape(300, 200)
-    with Image.open(io.BytesIO(display_png(ramp, 150))) as image:
-        assert image.size == (100, 150)
-        shown = np.asarray(image)
-    assert shown[0, 0] <= 2 and shown[-1, -1] >= 253  # the grey range survives
-    assert shrink_to(np.zeros((40, 60), np.uint8), 1024).shape == (40, 60)
-
-
-@pytest.mark.parametrize(
-    "bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4), np.uint8)]
-)
-def test_the_png_encoder_refuses_what_is_not_a_greyscale_image(bad: np.ndarray) -> None:
-    with pytest.raises(ValueError):
-        grey_png(bad)

@@ -39,7 +39,7 @@ def test_defaults_follow_the_architecture(model_dir: Path) -> None:
     assert s.torchserve_token_file is None
     assert s.max_upload_bytes == 64 * MIB
     assert (s.max_concurrent, s.lateral_policy, s.result_ttl_s) == (8, "reject", 86400)
-    assert (s.overlay_max_side, s.inference_timeout_s, s.inference_retries, s.grace_s) == (1024, 30.0, 2, 10.0)
+    assert (s.inference_timeout_s, s.inference_retries, s.grace_s) == (30.0, 2, 10.0)
     assert s.model_dir == model_dir
     assert s.host == "127.0.0.1"
 
@@ -74,7 +74,6 @@ def test_environment_overrides_defaults_and_cli_overrides_environment(model_dir:
         ("CXR_MAX_CONCURRENT", "-2"),
         ("CXR_LATERAL_POLICY", "allow"),
         ("CXR_RESULT_TTL_S", "1.5"),
-        ("CXR_OVERLAY_MAX_SIDE", "32"),
         ("CXR_INFERENCE_TIMEOUT_S", "0"),
         ("CXR_INFERENCE_TIMEOUT_S", "inf"),
         ("CXR_INFERENCE_RETRIES", "-1"),

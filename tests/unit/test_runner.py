@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from serving_fixtures import SIZE, ensemble_dir, nih_inputs
 
 from cxr.core.errors import InvalidInputError, ManifestError
 from cxr.core.manifest import read_manifest, write_manifest
-from cxr.core.preprocess import PreprocessSpec, load_image_file, prepare_image
 from cxr.core.wire import encode_input
 from cxr.models.bundle import load_ensemble
 from cxr.models.testing import make_random_ensemble
@@ -20,24 +20,7 @@ from cxr.serving.runner import EnsembleRunner, error_document
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
-NIH_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images_512"
-SIZE = 64
-
-
-def nih_inputs(n: int, size: int = SIZE) -> np.ndarray:
-    """The first ``n`` real NIH radiographs, preprocessed like the ingestion service does: (n, 1, S, S)."""
-    spec = PreprocessSpec(size=size)
-    paths = sorted(NIH_IMAGES.glob("*.png"))[:n]
-    assert len(paths) == n, f"expected {n} images in {NIH_IMAGES}"
-    return np.stack([prepare_image(load_image_file(p), spec) for p in paths])
-
-
-@pytest.fixture(scope="module")
-def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ensemble")
-    make_random_ensemble(out, archs=("resnet18", "mobilenet_v3_large"), size=SIZE)
-    return out
+__all__ = ["ensemble_dir"]  # fixtures used by name
 
 
 @pytest.fixture(scope="module")

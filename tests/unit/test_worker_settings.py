@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cxr.core.errors import InvalidInputError
-from services.worker.job_state import check_job_id, parse_timestamp
+from cxr.core.jobs import check_job_id, parse_timestamp
 from services.worker.settings import SettingsError, WorkerSettings, load_settings
 
 pytestmark = pytest.mark.unit
@@ -24,12 +24,16 @@ def test_defaults_follow_the_architecture_document(tmp_path: Path) -> None:
     assert (s.concurrency, s.metrics_port, s.heatmap_grid, s.result_ttl_s) == (1, 9152, 64, 86400)
     assert (s.soft_time_limit_s, s.time_limit_s, s.max_retries, s.visibility_timeout_s) == (120, 180, 3, 600)
     assert s.task_test_delay_s == 0 and s.ready_file is None
+    assert s.overlay_max_side == 1024
 
 
 def test_environment_overrides_defaults_and_command_line_overrides_environment(tmp_path: Path) -> None:
     env = _env(tmp_path, CXR_WORKER_CONCURRENCY="2", CXR_HEATMAP_GRID="32", CXR_WORKER_METRICS_PORT="0")
+    env["CXR_OVERLAY_MAX_SIDE"] = "512"
     s = load_settings(["--concurrency", "3", "--loglevel", "DEBUG"], env)
     assert (s.concurrency, s.heatmap_grid, s.metrics_port, s.loglevel) == (3, 32, 0, "debug")
+    assert s.overlay_max_side == 512
+    assert load_settings(["--overlay-max-side", "256"], env).overlay_max_side == 256
 
 
 def test_command_line_model_dir_wins_over_environment(tmp_path: Path) -> None:
@@ -61,6 +65,8 @@ def test_model_dir_must_exist(tmp_path: Path) -> None:
         ("CXR_WORKER_METRICS_PORT", "70000", "not a port"),
         ("CXR_WORKER_LOGLEVEL", "loud", "CXR_WORKER_LOGLEVEL"),
         ("CXR_HEATMAP_GRID", "1024", "at most 512"),
+        ("CXR_OVERLAY_MAX_SIDE", "32", "at least 64"),
+        ("CXR_OVERLAY_MAX_SIDE", "big", "CXR_OVERLAY_MAX_SIDE"),
         ("CXR_REDIS_URL", "http://127.0.0.1:6390", "redis://"),
         ("CXR_TASK_SOFT_TIME_LIMIT_S", "200", "below CXR_TASK_TIME_LIMIT_S"),
         ("CXR_VISIBILITY_TIMEOUT_S", "150", "must exceed the hard time limit"),
