@@ -22,13 +22,15 @@ help:
 $(STAMP): requirements.txt pyproject.toml
 	@if [[ -n "$(VENV_CACHE)" ]]; then \
 	  target="$(VENV_CACHE)/venv-$(REQ_HASH)"; \
-	  [[ -x $$target/bin/python ]] || { mkdir -p "$(VENV_CACHE)" && $(PY) -m venv "$$target.tmp" && \
-	    "$$target.tmp/bin/pip" install -q --upgrade pip && "$$target.tmp/bin/pip" install -q -r requirements.txt && \
-	    mv "$$target.tmp" "$$target"; }; \
+	  if [[ ! -f $$target/.complete ]]; then \
+	    rm -rf "$$target" && mkdir -p "$(VENV_CACHE)" && $(PY) -m venv "$$target" && \
+	    "$$target/bin/pip" install -q --upgrade pip && "$$target/bin/pip" install -q -r requirements.txt && \
+	    touch "$$target/.complete" || exit 1; \
+	  fi; \
 	  rm -rf $(VENV); ln -s "$$target" $(VENV); \
 	else \
 	  [[ -x $(BIN)/python ]] || $(PY) -m venv $(VENV); \
-	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -r requirements.txt; \
+	  $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -r requirements.txt || exit 1; \
 	fi
 	$(BIN)/pip install -q --no-deps -e .
 	rm -f .venv-installed-*; touch $@
