@@ -5,7 +5,7 @@ On disk an ensemble is a directory::
 
     manifest.json          # this dataclass, JSON
     <model name>.pt        # one torch state_dict per model (stored in float16 to keep bundles small)
-    report.json / EVALUATION.md   # optional evaluation evidence
+    report.md / report.json / *.png / README.md   # evaluation evidence and model card (optional)
 
 The manifest is plain JSON so that non-Python tools (and the ingestion service, which has no torch) can read it.
 """
