@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -78,9 +79,14 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _redacted(raw: str) -> str:
+    """A setting's raw text with any URL credentials (``//user:password@``) masked, for error messages."""
+    return re.sub(r"//[^/@]*@", "//***@", raw)
+
+
 def _redis_url(value: str) -> str:
     if not is_redis_url(value):
-        raise ValueError(f"expected a redis:// URL, got {value!r}")
+        raise ValueError(f"expected a redis:// URL, got {value.split('@')[-1]!r}")  # never echo a password
     return value
 
 
@@ -162,7 +168,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         try:
             values[spec.name] = spec.parse(raw)
         except ValueError as e:
-            problems.append(f"{spec.env}={raw!r}: {e}")
+            problems.append(f"{spec.env}={_redacted(raw)!r}: {e}")
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     return IngestionSettings(**values)

@@ -138,3 +138,11 @@ def test_importing_the_service_never_imports_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "clean"
+
+
+def test_a_bad_redis_url_is_reported_without_its_password(model_dir: Path) -> None:
+    env = {"CXR_MODEL_DIR": str(model_dir), "CXR_REDIS_URL": "http://user:s3cret@cache.local:6379/0"}
+    with pytest.raises(SettingsError, match="CXR_REDIS_URL") as info:
+        load_settings([], env)
+    assert "s3cret" not in str(info.value)
+    assert "cache.local:6379/0" in str(info.value)
