@@ -57,15 +57,19 @@ def store_errors() -> Iterator[None]:
 class ResultStore:
     """Reads and writes results and job state. Thread-safe (redis-py's connection pool)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, dicom_ttl_s: int | None = None) -> None:
         self._redis = client
         self.ttl_s = ttl_s
+        # the upload waits in Redis only until a worker makes the display from it: bounded separately
+        self.dicom_ttl_s = min(ttl_s, dicom_ttl_s) if dicom_ttl_s else ttl_s
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, *, timeout_s: float = REDIS_TIMEOUT_S) -> ResultStore:
+    def from_url(
+        cls, url: str, ttl_s: int, *, dicom_ttl_s: int | None = None, timeout_s: float = REDIS_TIMEOUT_S
+    ) -> ResultStore:
         """A store on ``url`` whose every command gives up after ``timeout_s`` (no unbounded waits)."""
         client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, ttl_s)
+        return cls(client, ttl_s, dicom_ttl_s)
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -92,7 +96,7 @@ class ResultStore:
             pipe.expire(job_key(job.job_id), self.ttl_s)
             pipe.set(input_key(job.job_id), job.model_input, ex=self.ttl_s)
             if job.dicom is not None:
-                pipe.set(dicom_key(job.job_id), job.dicom, ex=self.ttl_s)
+                pipe.set(dicom_key(job.job_id), job.dicom, ex=self.dicom_ttl_s)
             pipe.set(findings_key(job.job_id), job.findings_json, ex=self.ttl_s)
             if job.result_key is not None:
                 pipe.set(job.result_key, job.response, ex=self.ttl_s)

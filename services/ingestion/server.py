@@ -48,7 +48,7 @@ class IngestionServer:
         self.manifest = manifest or read_manifest(settings.model_dir)
         self.metrics = IngestionMetrics()
         self.metrics.set_model(self.manifest.name, self.manifest.version)
-        self.store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s)
+        self.store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, dicom_ttl_s=settings.dicom_ttl_s)
         self.queue = ExplanationQueue(settings.redis_url)
         self.inference = TorchServeClient(
             settings.torchserve_grpc,

@@ -40,6 +40,7 @@ class IngestionSettings:
     max_concurrent: int = 8  # CXR_MAX_CONCURRENT: in-flight Analyze calls; more are rejected (OVERLOADED)
     lateral_policy: str = "reject"  # CXR_LATERAL_POLICY: reject | warn
     result_ttl_s: int = 86400  # CXR_RESULT_TTL_S: TTL of every Redis key written
+    dicom_ttl_s: int = 3600  # CXR_DICOM_TTL_S: TTL of a queued job's uploaded DICOM (capped by the result TTL)
     inference_timeout_s: float = 30.0  # CXR_INFERENCE_TIMEOUT_S: deadline of one Analyze's inference, retries included
     inference_retries: int = 2  # CXR_INFERENCE_RETRIES: extra attempts when TorchServe is UNAVAILABLE
     grace_s: float = 10.0  # CXR_GRACE_S: graceful shutdown period
@@ -125,6 +126,7 @@ _SPECS: tuple[Setting, ...] = (
     Setting("max_concurrent", "CXR_MAX_CONCURRENT", positive(int), "in-flight Analyze calls"),
     Setting("lateral_policy", "CXR_LATERAL_POLICY", _lateral, "reject | warn"),
     Setting("result_ttl_s", "CXR_RESULT_TTL_S", positive(int), "TTL of stored results and jobs (s)"),
+    Setting("dicom_ttl_s", "CXR_DICOM_TTL_S", positive(int), "TTL of a queued job's uploaded DICOM (s)"),
     Setting("inference_timeout_s", "CXR_INFERENCE_TIMEOUT_S", _positive_float, "inference deadline (s)"),
     Setting("inference_retries", "CXR_INFERENCE_RETRIES", non_negative(int), "retries when TorchServe is down"),
     Setting("grace_s", "CXR_GRACE_S", _positive_float, "graceful shutdown period (s)"),

@@ -507,3 +507,14 @@ def _serving(health: health_pb2_grpc.HealthStub) -> bool:
     except grpc.RpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_the_uploaded_dicom_waits_in_redis_only_for_its_own_shorter_ttl(
+    ensemble: tuple[Path, Manifest], ingestion_redis: str, torchserve: TorchServe, rds: redis.Redis
+) -> None:
+    settings = ingestion_settings(ensemble[0], ingestion_redis, torchserve, dicom_ttl_s=120)
+    data = edited_dicom("siim_pneumothorax_negative.dcm")  # a new SOP instance: no cached result
+    with running_server(settings) as one:
+        r = analyze_file(one.stub, data)
+    assert rds.get(dicom_key(r.job_id)) == data
+    assert 0 < rds.ttl(dicom_key(r.job_id)) <= 120 < rds.ttl(f"cxr:job:{r.job_id}")

@@ -74,6 +74,7 @@ def test_environment_overrides_defaults_and_cli_overrides_environment(model_dir:
         ("CXR_MAX_CONCURRENT", "-2"),
         ("CXR_LATERAL_POLICY", "allow"),
         ("CXR_RESULT_TTL_S", "1.5"),
+        ("CXR_DICOM_TTL_S", "0"),
         ("CXR_INFERENCE_TIMEOUT_S", "0"),
         ("CXR_INFERENCE_TIMEOUT_S", "inf"),
         ("CXR_INFERENCE_RETRIES", "-1"),
