@@ -37,13 +37,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-# From the system's packages: redis-server, a Java runtime (TorchServe), promtool (checks deploy/prometheus.yml)
-# and dcmtk (real DICOM peer tools used by tests to make JPEG-lossless fixtures).
+# From the system's packages: redis-server, a Java runtime (TorchServe), prometheus + promtool (rules, dashboards,
+# scraping the stack in tests), dcmtk (storescu / storescp / dsrdump: real DICOM peers), dicom3tools (dciodvfy
+# validates the DICOM results) and orthanc (a real PACS for the integration tests).
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	 command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	 command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	 command -v dcmcjpeg >/dev/null || missing="$$missing dcmtk"; \
+	 command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	 command -v Orthanc >/dev/null || [[ -x /usr/sbin/Orthanc ]] || missing="$$missing orthanc"; \
 	 if [[ -n "$$missing" ]]; then \
 	   echo "installing:$$missing"; \
 	   if [[ $$(id -u) -eq 0 ]]; then apt-get update -qq && apt-get install -y -qq $$missing; \

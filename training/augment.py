@@ -42,6 +42,23 @@ class AugmentConfig:
 
 
 PAPER_AUGMENT = AugmentConfig()
+# Milder settings for small data (the recipe comparison in docs/RECIPES.md chooses among them).
+MODERATE_AUGMENT = AugmentConfig(rotation_deg=20.0, shear=0.0, zoom=0.1, shift=0.1, brightness=(0.7, 1.1))
+LIGHT_AUGMENT = AugmentConfig(rotation_deg=10.0, shear=0.0, zoom=0.1, shift=0.06, brightness=(0.8, 1.1),
+                              channel_shift=0.03)  # fmt: skip
+AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
+    "paper": PAPER_AUGMENT,
+    "moderate": MODERATE_AUGMENT,
+    "light": LIGHT_AUGMENT,
+    "none": None,
+}
+
+
+def augment_preset(name: str) -> AugmentConfig | None:
+    """A named augmentation strength (None for ``none``). Raises ValueError for an unknown name."""
+    if name not in AUGMENT_PRESETS:
+        raise ValueError(f"unknown augmentation {name!r}; known: {sorted(AUGMENT_PRESETS)}")
+    return AUGMENT_PRESETS[name]
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:

@@ -1,6 +1,10 @@
 """Combine trained runs into the served ensemble bundle, with per-label thresholds tuned on validation.
 
-Threshold criterion: for each label, the threshold on the ensemble (CTP) probability that maximises the
+Calibration first (``training.calibration``): each model's logit offset (log of its training run's positive
+weight) and temperature (fitted on the validation split) go into the manifest; every probability below, and every
+probability served, is calibrated.
+
+Threshold criterion: for each label, the threshold on the calibrated ensemble (CTP) probability that maximises the
 positive-class F1 on the validation split; the value written is the midpoint between the chosen score and the
 next lower distinct score (same validation decisions, a margin on both sides). Labels without validation
 positives keep 0.5. Optionally each model gets its own thresholds for its vote, by the same criterion on its
@@ -22,13 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr.core.calibration import calibrated_probabilities
 from cxr.core.ensemble import ctp_mean, sigmoid
 from cxr.core.errors import InvalidInputError
 from cxr.core.manifest import Manifest, ModelEntry
 from cxr.core.preprocess import PreprocessSpec
 from cxr.models.architectures import CXRNet, build_model
 from cxr.models.bundle import save_ensemble
+from training.calibration import METHOD as CALIBRATION_METHOD
+from training.calibration import Calibration, fit_calibration, offsets_from_pos_weight
 from training.data.base import LabelledImages
+from training.metrics import expected_calibration_error
 from training.torch_data import RadiographDataset, make_loader
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,10 @@ class Run:
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec(**self.record["preprocess"])
 
+    @property
+    def input_norm(self) -> str:
+        return str(self.record.get("input_norm", "spec"))
+
 
 def read_run(run_dir: str | Path) -> Run:
     """RUN_DIR -> Run. Raises InvalidInputError (reason BAD_RUN_DIR) without a readable run.json and best.pt."""
@@ -71,15 +83,37 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(root, record)
 
 
-def load_run_model(run: Run, device: torch.device) -> CXRNet:
-    """Build the run's architecture and load best.pt (float32, eval mode)."""
+def load_run_model(run: Run, device: torch.device, weights: str = "best.pt") -> CXRNet:
+    """Build the run's architecture and load ``weights`` (best.pt, final.pt or ema.pt; float32, eval mode)."""
     model = build_model(run.arch, len(run.labels), hidden=int(run.record["hidden"]),
-                        dropout=float(run.record["dropout"]))  # fmt: skip
-    model.load_state_dict(torch.load(run.run_dir / "best.pt", map_location="cpu", weights_only=True))
+                        dropout=float(run.record["dropout"]), input_norm=run.input_norm, spec=run.spec)  # fmt: skip
+    model.load_state_dict(torch.load(run.run_dir / weights, map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
 
 @torch.no_grad()
+def predict_logits(
+    models: Sequence[torch.nn.Module],
+    images: LabelledImages,
+    spec: PreprocessSpec,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+    flip: bool = False,
+) -> np.ndarray:
+    """Logits of every model on every image (no augmentation, float32) -> (N, M, L). ``flip``: the mean of the
+    logits of the image and of its mirror image (test-time augmentation)."""
+    loader = make_loader(RadiographDataset(images, spec), list(range(len(images))), batch_size, workers, device)
+    out = []
+    for x, _ in loader:
+        x = x.to(device)
+        logits = torch.stack([m(x) for m in models], dim=1)
+        if flip:
+            logits = 0.5 * (logits + torch.stack([m(torch.flip(x, dims=[3])) for m in models], dim=1))
+        out.append(logits.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(models), 0), np.float32)
+
+
 def predict_probs(
     models: Sequence[torch.nn.Module],
     images: LabelledImages,
@@ -88,14 +122,8 @@ def predict_probs(
     batch_size: int = 64,
     workers: int = 2,
 ) -> np.ndarray:
-    """Probabilities of every model on every image (no augmentation, float32) -> (N, M, L)."""
-    loader = make_loader(RadiographDataset(images, spec), list(range(len(images))), batch_size, workers, device)
-    out = []
-    for x, _ in loader:
-        x = x.to(device)
-        logits = torch.stack([m(x) for m in models], dim=1)
-        out.append(logits.float().cpu().numpy())
-    return sigmoid(np.concatenate(out)) if out else np.zeros((0, len(models), 0), np.float32)
+    """Uncalibrated probabilities (sigmoid of the logits) of every model on every image -> (N, M, L)."""
+    return sigmoid(predict_logits(models, images, spec, device, batch_size, workers))
 
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -155,6 +183,31 @@ def label_columns(data_labels: Sequence[str], wanted: Sequence[str]) -> np.ndarr
     return np.array([list(data_labels).index(lab) for lab in wanted], dtype=np.int64)
 
 
+def calibrate_run(run: Run, logits: np.ndarray, targets: np.ndarray, enabled: bool = True) -> Calibration:
+    """One model's calibration from its validation logits (identity when not ``enabled``): the offset undoes
+    weighted BCE's positive weights (only when the run trained with them), the temperatures are fitted."""
+    n_labels = logits.shape[1]
+    if not enabled:
+        return Calibration((0.0,) * n_labels, (1.0,) * n_labels, (False,) * n_labels)
+    weighted = run.record.get("loss", "wbce") == "wbce"
+    offset = offsets_from_pos_weight(run.record.get("pos_weight") if weighted else None, n_labels)
+    return fit_calibration(logits, targets, offset)
+
+
+def validation_ece(y: np.ndarray, logits: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Pooled ECE of every model and of CTP before (plain sigmoid) and after calibration."""
+    raw = sigmoid(logits)
+    out: dict[str, Any] = {}
+    for i, n in enumerate(names):
+        out[n] = {
+            "before": expected_calibration_error(y, raw[:, i]),
+            "after": expected_calibration_error(y, probs[:, i]),
+        }
+    out["ctp"] = {"before": expected_calibration_error(y, ctp_mean(raw)),
+                  "after": expected_calibration_error(y, ctp_mean(probs))}  # fmt: skip
+    return out
+
+
 def build_ensemble(
     run_dirs: Sequence[str | Path],
     data: str | Path,
@@ -167,8 +220,9 @@ def build_ensemble(
     description: str = "",
     batch_size: int = 64,
     workers: int = 2,
+    calibrate: bool = True,
 ) -> Manifest:
-    """Predict the validation part of ``split_path`` with every run, tune thresholds, write the bundle.
+    """Predict the validation part of ``split_path`` with every run, calibrate, tune thresholds, write the bundle.
     -> the manifest written. Raises InvalidInputError (bad runs, label mismatch, empty validation part)."""
     from training.data.load import load_dataset
     from training.splits import Split
@@ -181,26 +235,35 @@ def build_ensemble(
         raise InvalidInputError(f"the split {split_path} has no validation images", reason="EMPTY_SPLIT_PART")
     y = val.labels[:, label_columns(val.label_names, labels)]
     models = [load_run_model(r, device) for r in runs]
-    probs = predict_probs(models, val, spec, device, batch_size, workers)
+    logits = predict_logits(models, val, spec, device, batch_size, workers)
+    cals = [calibrate_run(r, logits[:, i], y, calibrate) for i, r in enumerate(runs)]
+    probs = calibrated_probabilities(logits, [c.offset for c in cals], [c.temperature for c in cals])
     thresholds, f1 = tune_thresholds(y, ctp_mean(probs))
     names = unique_names([r.arch for r in runs])
     entries = tuple(
         ModelEntry(name=n, arch=r.arch, weights=f"{n}.pt", hidden=int(r.record["hidden"]),
-                   dropout=float(r.record["dropout"]),
+                   dropout=float(r.record["dropout"]), input_norm=r.input_norm,
                    thresholds=tuple(float(t) for t in tune_thresholds(y, probs[:, i])[0])
-                   if per_model_thresholds else None)
-        for i, (n, r) in enumerate(zip(names, runs, strict=True))
+                   if per_model_thresholds else None,
+                   logit_offset=c.offset, temperature=c.temperature)
+        for i, (n, r, c) in enumerate(zip(names, runs, cals, strict=True))
     )  # fmt: skip
     manifest = Manifest(
         name=name, version=version, labels=labels, thresholds=tuple(float(t) for t in thresholds), models=entries,
         preprocess=spec, ensemble_rule="ctp",
-        threshold_criterion=CRITERION.format(what="ensemble (CTP) probability", n=len(val))
+        threshold_criterion=CRITERION.format(what="calibrated ensemble (CTP) probability", n=len(val))
         + ("; each model's vote threshold: same criterion on its own probability" if per_model_thresholds else ""),
+        calibration=f"{CALIBRATION_METHOD}; fitted on {len(val)} validation images" if calibrate else "none",
         description=description or f"Ensemble (CTP) of {', '.join(names)} trained with `cxr train`.",
         trained_on=f"{data}: train part of {split_path} ({runs[0].record.get('n_images', {}).get('train', '?')} "
-        f"images); thresholds on its validation part ({len(val)} images)",
+        f"images); calibration and thresholds on its validation part ({len(val)} images)",
         extra={"validation_f1_positive": [None if np.isnan(v) else float(v) for v in f1],
-               "runs": [str(r.run_dir) for r in runs], "split": str(split_path)},
+               "validation_ece": validation_ece(y, logits, probs, names),
+               "own_temperature_labels": {n: [lab for lab, own in zip(labels, c.own_temperature, strict=True) if own]
+                                          for n, c in zip(names, cals, strict=True)},
+               "runs": [str(r.run_dir) for r in runs], "split": str(split_path),
+               "initial_weights": {n: r.record.get("init", {"init": "none"}) for n, r in zip(names, runs, strict=True)},
+               "recipes": {n: r.record.get("recipe_name", "paper") for n, r in zip(names, runs, strict=True)}},
     )  # fmt: skip
     written = save_ensemble(out_dir, manifest, models)
     log.info("ensemble %s %s written to %s", name, version, out_dir)

@@ -75,6 +75,18 @@ def score_all(
     return {"models": models, "ensembles": ensembles}
 
 
+def calibration_effect(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, manifest: Manifest) -> dict[str, Any]:
+    """Pooled ECE of every model and of CTP with plain sigmoid probabilities (``before``) and with the manifest's
+    calibration (``after``, what is served and what every other metric of the report uses)."""
+    from training.metrics import expected_calibration_error
+
+    pairs = {n: (raw[:, i], calibrated[:, i]) for i, n in enumerate(manifest.model_names)}
+    pairs["ctp"] = (ens.ctp_mean(raw), ens.ctp_mean(calibrated))
+    ece = {n: {"before": expected_calibration_error(y, b), "after": expected_calibration_error(y, a)}
+           for n, (b, a) in pairs.items()}  # fmt: skip
+    return {"method": manifest.calibration, "ece": ece}
+
+
 def evaluate_ensemble(
     model_dir: str | Path,
     data: str | Path,
@@ -90,10 +102,10 @@ def evaluate_ensemble(
     """Evaluate ``model_dir`` on ``data`` (optionally one part of a split) -> report dict (JSON-ready); with
     ``out_dir``, also report.json, report.md and ROC / PR / reliability PNGs there.
     Raises ManifestError (bad ensemble), InvalidInputError (no common labels, empty data), OSError."""
-    from cxr.models.bundle import load_ensemble
+    from cxr.models.bundle import load_ensemble, logits_to_probabilities
     from training.data.load import load_dataset
     from training.distributed import pick_device
-    from training.ensemble_build import predict_probs
+    from training.ensemble_build import predict_logits
 
     dev = pick_device(device)
     manifest, net = load_ensemble(model_dir, dev)
@@ -105,7 +117,8 @@ def evaluate_ensemble(
     if len(ds) == 0:
         raise InvalidInputError(f"no images to evaluate in {data} ({part} part)", reason="EMPTY_SPLIT_PART")
     model_idx, data_idx, skipped = match_labels(ds.label_names, manifest.labels)
-    probs = predict_probs(list(net.members), ds, manifest.preprocess, dev, batch_size, workers)[:, :, model_idx]
+    logits = predict_logits(list(net.members), ds, manifest.preprocess, dev, batch_size, workers)
+    probs = logits_to_probabilities(manifest, logits)[:, :, model_idx]
     y = ds.labels[:, data_idx]
     report: dict[str, Any] = {
         "n_images": len(ds), "labels": [manifest.labels[j] for j in model_idx], "skipped_labels": skipped,
@@ -115,6 +128,7 @@ def evaluate_ensemble(
         "data": {"path": str(data), "split": None if split is None else str(split),
                  "part": part if split is not None else "all"},
         "n_boot": n_boot, "intended_use": NOT_FOR_CLINICAL_USE,
+        "calibration": calibration_effect(y, ens.sigmoid(logits)[:, :, model_idx], probs, manifest),
     }  # fmt: skip
     if out_dir is not None:
         from training.report import write_report

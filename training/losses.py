@@ -136,3 +136,23 @@ def make_loss(name: str, pos_weight: np.ndarray | None = None) -> MaskedLoss:
     if name == "asl":
         return AsymmetricLoss()
     raise ValueError(f"unknown loss {name!r}; known: {LOSSES}")
+
+
+def constant_predictor_loss(labels: np.ndarray, pos_weight: np.ndarray | None = None) -> float:
+    """Weighted BCE of the best constant prediction per label on ``labels`` (N, L) with NaN = unknown: the loss a
+    model that learned nothing about the images reaches. Per label with prevalence pi and weight w the best
+    constant probability is w pi / (w pi + 1 - pi); the result is the mean over labels with known targets."""
+    y = np.asarray(labels, dtype=np.float64)
+    w = np.ones(y.shape[1]) if pos_weight is None else np.asarray(pos_weight, dtype=np.float64)
+    losses = []
+    for j in range(y.shape[1]):
+        known = y[~np.isnan(y[:, j]), j]
+        if len(known) == 0:
+            continue
+        pi = known.mean()
+        if pi in (0.0, 1.0):
+            losses.append(0.0)
+            continue
+        s = w[j] * pi / (w[j] * pi + 1 - pi)
+        losses.append(-(w[j] * pi * np.log(s) + (1 - pi) * np.log(1 - s)))
+    return float(np.mean(losses)) if losses else float("nan")

@@ -240,3 +240,44 @@ def reliability_bins(targets: np.ndarray, probs: np.ndarray, bins: int = ECE_BIN
     sums = _bin_sums(y[known], p[known], np.ones((1, int(known.sum()))), bins)[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"confidence": sums[1] / sums[0], "accuracy": sums[2] / sums[0], "count": sums[0]}
+
+
+def mean_auroc_replicates(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean AUROC over labels with both classes, for each row of image weights -> (B,) (NaN labels skipped per
+    replicate). targets (N, L) with NaN, scores (N, L), weights (B, N)."""
+    y, s = np.asarray(targets, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    cols = []
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        if 0 < y[known, j].sum() < known.sum():
+            cols.append(weighted_auroc(y[known, j], s[known, j], weights[:, known]))
+    return _nanmean_rows(np.stack(cols, axis=1)) if cols else np.full(len(weights), np.nan)
+
+
+def compare_mean_auroc(
+    targets: np.ndarray, scores: dict[str, np.ndarray], reference: str, n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Mean AUROC of several score sets on the same images, with percentile bootstrap 95% CIs, and each one's
+    paired difference from ``reference`` (the same resampled images for all, so the difference's CI is much
+    narrower than the two CIs suggest) -> {name: {auroc_mean, ci95, delta, delta_ci95, p_better}}, where
+    ``p_better`` is the share of replicates in which the set beats the reference. Raises KeyError for an
+    unknown reference."""
+    y = np.asarray(targets, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(y), np.full(len(y), 1.0 / len(y)), size=n_boot).astype(np.float64)
+    point = {k: float(mean_auroc_replicates(y, s, np.ones((1, len(y))))[0]) for k, s in scores.items()}
+    reps = {k: mean_auroc_replicates(y, s, w) for k, s in scores.items()}
+    ref = reps[reference]
+    out = {}
+    for k in scores:
+        diff = reps[k] - ref
+        out[k] = {"auroc_mean": point[k], "ci95": _ci(reps[k], 0.05), "delta": point[k] - point[reference],
+                  "delta_ci95": _ci(diff, 0.05), "p_better": float(np.mean(diff[~np.isnan(diff)] > 0))}  # fmt: skip
+    return out
+
+
+def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Pooled ECE over all known (image, label) entries (equal-width bins), as ``evaluate_predictions``."""
+    y, p = np.asarray(targets, dtype=np.float64).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    known = ~np.isnan(y)
+    return float(_ece_from_bins(_bin_sums(y[known], p[known], np.ones((1, int(known.sum()))), bins))[0])

@@ -59,6 +59,18 @@ def per_label_table(report: dict[str, Any], key: str = "auroc") -> list[str]:
     return lines
 
 
+def calibration_table(report: dict[str, Any]) -> list[str]:
+    """Markdown rows: pooled ECE of each model and of CTP before and after the manifest's calibration."""
+    cal = report.get("calibration")
+    if not cal:
+        return ["(no calibration information in this report)"]
+    lines = [f"Method: {cal['method']}.", ""]
+    lines += ["| system | ECE plain sigmoid | ECE calibrated (served) |", "|---|---|---|"]
+    for name, e in cal["ece"].items():
+        lines.append(f"| {name} | {_fmt(e['before'])} | {_fmt(e['after'])} |")
+    return lines
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The whole report.md text."""
     model, data = report["model"], report["data"]
@@ -76,6 +88,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "usual F1. PTC rules keep no probability: their AUROC / AUPRC / ECE use the vote fraction (PTC-lw) or the "
         "0/1 label set (PTC-mode).", "",
         "## Overall", "", *overall_table(report), "",
+        "## Calibration", "", *calibration_table(report), "",
         "## AUROC per label", "", *per_label_table(report, "auroc"), "",
         "## Positive-class F1 per label", "", *per_label_table(report, "f1_positive"), "",
         "Figures: `roc.png`, `pr.png`, `reliability.png`.", "",

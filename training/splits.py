@@ -120,6 +120,33 @@ def make_split(ds: LabelledImages, fractions: Sequence[float] = (0.7, 0.1, 0.2),
     return Split(seed=seed, fractions=fr, **parts)
 
 
+def kfold_splits(ds: LabelledImages, k: int = 5, val_fraction: float = 0.1, seed: int = 0) -> list[Split]:
+    """Patient-disjoint, multilabel-stratified k-fold cross-validation -> k Splits: in split i the test part is
+    fold i, and the other folds are divided (stratified again, by patient) into train and a ``val_fraction``
+    validation part. Every image is in exactly one test part. Raises ValueError for k < 2 or fewer patients
+    than folds."""
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2, got {k}")
+    codes, counts, sizes = _per_patient(ds)
+    if len(sizes) < k:
+        raise ValueError(f"{len(sizes)} patients cannot make {k} folds")
+    rng = np.random.default_rng(seed)
+    fold_of_patient = stratify_patients(counts, sizes, np.full(k, 1.0 / k), rng)
+    ids = np.asarray(ds.image_ids, dtype=object)
+    splits = []
+    for i in range(k):
+        rest = np.flatnonzero(fold_of_patient != i)
+        inner = stratify_patients(counts[rest], sizes[rest], np.array([1 - val_fraction, val_fraction]), rng)
+        part_of_patient = np.full(len(sizes), 2, dtype=np.int64)  # test
+        part_of_patient[rest] = inner
+        part_of_image = part_of_patient[codes]
+        parts = {name: tuple(ids[part_of_image == j].tolist()) for j, name in enumerate(PARTS)}
+        share = len(parts["test"]) / len(ids)
+        fractions = ((1 - share) * (1 - val_fraction), (1 - share) * val_fraction, share)
+        splits.append(Split(seed=seed, fractions=fractions, **parts))
+    return splits
+
+
 def _per_patient(ds: LabelledImages) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N,) patient code of each image (codes follow sorted patient ids), (P, L) positive images per patient and
     label (NaN = not positive), (P,) images per patient."""

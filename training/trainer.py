@@ -1,11 +1,15 @@
-"""The training loop of the paper: Adam (lr 1e-4), batch 32, up to N epochs, best validation-loss checkpoint,
-early stopping (patience 25, min delta 0.001, Keras semantics: an epoch counts as an improvement only when the
-validation loss drops by more than min delta; ``best.pt`` is rewritten on any drop).
+"""The training loop. With the paper's recipe: Adam (lr 1e-4), batch 32, up to N epochs, best validation-loss
+checkpoint, early stopping (patience 25, min delta 0.001, Keras semantics: an epoch counts as an improvement only
+when the validation loss drops by more than min delta; ``best.pt`` is rewritten on any drop). Other recipes
+(``training.recipes``) add AdamW with weight decay (not on biases and norm parameters), a lower learning rate for
+the backbone than for the head, a one-cycle or warm-up + cosine schedule stepped per batch, an exponential moving
+average of the weights (validated and saved instead of the raw weights), and ``checkpoint="last"``: ``best.pt``
+then holds the final epoch's weights (no selection on a small validation part).
 
-On CUDA: bf16 autocast + channels_last; on CPU: float32. Resumable: ``last.pt`` (model, optimizer, epoch, best,
-early-stopping counters, RNG states of every rank) is written after every epoch. Per-epoch metrics go to
-``metrics.csv`` and, when ``torch.utils.tensorboard`` imports, to ``tb/``. Only rank 0 writes files and shows
-progress bars.
+On CUDA: bf16 autocast + channels_last; on CPU: float32, channels_last. Resumable: ``last.pt`` (model, optimizer,
+schedule, EMA, epoch, best, early-stopping counters, RNG states of every rank) is written after every epoch.
+Per-epoch metrics go to ``metrics.csv`` and, when ``torch.utils.tensorboard`` imports, to ``tb/``. Only rank 0
+writes files and shows progress bars.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.distributed import DistContext, all_reduce_sum, gather_rows
+from training.distributed import DistContext, all_reduce_sum, gather_rows, unwrap
 from training.losses import MaskedLoss
 from training.metrics import mean_auroc
+from training.optimisation import Optimisation, judged_model, make_ema, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,13 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast + channels_last when on CUDA (ignored on CPU)
     log_steps: int = 0  # write the global loss of the first N optimiser steps to steps.csv
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    backbone_lr_factor: float = 1.0
+    schedule: str = "constant"  # constant | onecycle | cosine
+    warmup_fraction: float = 0.2
+    ema_decay: float = 0.0
+    checkpoint: str = "best"  # best | last
 
 
 @dataclass
@@ -100,6 +112,11 @@ def freeze_early_convs(model: nn.Module, fraction: float) -> list[str]:
     return frozen_bn
 
 
+def batchnorm_names(model: nn.Module) -> list[str]:
+    """Names of every BatchNorm layer (the small-data recipe keeps all their statistics frozen)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def set_train_mode(model: nn.Module, frozen_bn: list[str]) -> None:
     """model.train(), except frozen BatchNorm layers, which keep their running statistics (eval mode)."""
     model.train()
@@ -129,10 +146,6 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # -- checkpoints and logs -------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -153,7 +166,7 @@ def _all_rng_states(ctx: DistContext) -> list[Any]:
 def save_last(
     run_dir: Path,
     model: nn.Module,
-    opt: torch.optim.Optimizer,
+    optim: Optimisation,
     state: TrainState,
     ctx: DistContext,
     extra: dict[str, Any],
@@ -161,19 +174,20 @@ def save_last(
     """Write last.pt (every rank must call: RNG states are gathered; rank 0 writes)."""
     rng = _all_rng_states(ctx)
     if ctx.is_main:
-        ckpt = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
+        ckpt = {"model": unwrap(model).state_dict(), **optim.state_dict(), "state": asdict(state),
                 "rng": rng, "world_size": ctx.world_size, "extra": extra}  # fmt: skip
         _atomic_save(ckpt, run_dir / "last.pt")
 
 
-def load_last(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, ctx: DistContext) -> TrainState:
-    """Restore model, optimizer, counters and this rank's RNG state from last.pt. Raises FileNotFoundError."""
+def load_last(run_dir: Path, model: nn.Module, optim: Optimisation, ctx: DistContext) -> TrainState:
+    """Restore model, optimizer, schedule, EMA, counters and this rank's RNG state from last.pt.
+    Raises FileNotFoundError."""
     path = run_dir / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no last.pt in {run_dir}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     unwrap(model).load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+    optim.load_state_dict(ckpt)
     rng = ckpt["rng"]
     _set_rng_state(rng[ctx.rank] if ckpt["world_size"] == ctx.world_size else rng[0])
     return TrainState(**ckpt["state"])
@@ -227,9 +241,15 @@ def _autocast(ctx: DistContext, cfg: TrainConfig) -> Any:
     return nullcontext()
 
 
+def use_channels_last(ctx: DistContext, cfg: TrainConfig) -> bool:
+    """channels_last on CUDA with mixed precision, and always on the CPU (1.4x faster training measured on the
+    2-core CI machine with the MobileNets and EfficientNet-Lite)."""
+    return ctx.device.type == "cpu" or (ctx.device.type == "cuda" and cfg.amp)
+
+
 def _to_device(x: torch.Tensor, y: torch.Tensor, ctx: DistContext, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
     x = x.to(ctx.device, non_blocking=True)
-    if ctx.device.type == "cuda" and cfg.amp:
+    if use_channels_last(ctx, cfg):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(ctx.device, non_blocking=True)
 
@@ -261,7 +281,7 @@ def train_epoch(
     model: nn.Module,
     loader: DataLoader,
     loss_fn: MaskedLoss,
-    opt: torch.optim.Optimizer,
+    optim: Optimisation,
     ctx: DistContext,
     cfg: TrainConfig,
     frozen_bn: list[str],
@@ -278,9 +298,9 @@ def train_epoch(
             logits = model(x)
         loss_sum, count = loss_fn.sum_and_count(logits, y)
         loss = loss_sum / count.clamp(min=1.0)
-        opt.zero_grad(set_to_none=True)
+        optim.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optim.step(model)
         total += torch.stack([loss_sum.detach().double(), count.detach().double()])
         n_images += len(x)
         steps.record(loss_sum.detach(), count.detach())
@@ -328,23 +348,37 @@ def fit(
     """Train until ``cfg.epochs`` or early stopping; writes best.pt, last.pt, metrics.csv into ``run_dir``.
     ``model`` is already on ``ctx.device`` (and DDP-wrapped when distributed). Raises FileNotFoundError when
     ``resume`` finds no last.pt."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    state = load_last(run_dir, model, opt, ctx) if resume else TrainState()
+    opt = make_optimizer(model, cfg)
+    optim = Optimisation(opt, make_schedule(opt, cfg, len(train_loader)), make_ema(model, cfg))
+    state = load_last(run_dir, model, optim, ctx) if resume else TrainState()
     mlog = MetricsLog(run_dir, state.epoch, ctx.is_main)
     steps = StepLog(run_dir, cfg.log_steps if state.epoch == 0 else 0, ctx)
     result = FitResult(state)
     try:
         while state.epoch < cfg.epochs and not state.stopped:
-            row = _run_epoch(model, train_loader, val_loader, loss_fn, opt, ctx, cfg, frozen_bn, steps, state)
-            if state.update(row["val_loss"], cfg.patience, cfg.min_delta) and ctx.is_main:
-                _atomic_save(unwrap(model).state_dict(), run_dir / "best.pt")
-            save_last(run_dir, model, opt, state, ctx, extra or {})
+            row = _run_epoch(model, train_loader, val_loader, loss_fn, optim, ctx, cfg, frozen_bn, steps, state)
+            improved = state.update(row["val_loss"], cfg.patience, cfg.min_delta)
+            if improved and cfg.checkpoint == "best" and ctx.is_main:
+                _atomic_save(judged_model(model, optim.ema).state_dict(), run_dir / "best.pt")
+            save_last(run_dir, model, optim, state, ctx, extra or {})
             mlog.write(row)
             result.history.append(row)
             log.info("epoch %d: %s", state.epoch, row)
+        if ctx.is_main:
+            _save_final(run_dir, model, optim, cfg)
     finally:
         mlog.close()
     return result
+
+
+def _save_final(run_dir: Path, model: nn.Module, optim: Optimisation, cfg: TrainConfig) -> None:
+    """final.pt = the last epoch's raw weights; ema.pt = their average (with EMA); best.pt = the weights the
+    recipe keeps (checkpoint "last": the judged final weights)."""
+    _atomic_save(unwrap(model).state_dict(), run_dir / "final.pt")
+    if optim.ema is not None:
+        _atomic_save(optim.ema.module.state_dict(), run_dir / "ema.pt")
+    if cfg.checkpoint == "last":
+        _atomic_save(judged_model(model, optim.ema).state_dict(), run_dir / "best.pt")
 
 
 def _run_epoch(
@@ -352,7 +386,7 @@ def _run_epoch(
     train_loader: DataLoader,
     val_loader: DataLoader,
     loss_fn: MaskedLoss,
-    opt: torch.optim.Optimizer,
+    optim: Optimisation,
     ctx: DistContext,
     cfg: TrainConfig,
     frozen_bn: list[str],
@@ -364,11 +398,12 @@ def _run_epoch(
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     t0 = time.perf_counter()
-    train_loss, n_images = train_epoch(model, train_loader, loss_fn, opt, ctx, cfg, frozen_bn, steps, epoch)
+    train_loss, n_images = train_epoch(model, train_loader, loss_fn, optim, ctx, cfg, frozen_bn, steps, epoch)
     train_s = time.perf_counter() - t0
-    val_loss, val_auroc = validate(model, val_loader, loss_fn, ctx, cfg)
+    judged = model if optim.ema is None else optim.ema.module
+    val_loss, val_auroc = validate(judged, val_loader, loss_fn, ctx, cfg)
     seconds = time.perf_counter() - t0
     state.epoch, state.seconds = epoch, state.seconds + seconds
     return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auroc_mean": val_auroc,
-            "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
+            "lr": optim.opt.param_groups[-1]["lr"], "seconds": round(seconds, 3),
             "images_per_s": round(n_images / max(train_s, 1e-9), 2)}  # fmt: skip

@@ -14,45 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr import NOT_FOR_CLINICAL_USE
+from training.options import add_train_arguments
 
 DEFAULT_MODEL = Path("model_store") / "cxr-demo-nih14"
-LOSS_CHOICES = ("wbce", "focal", "asl")  # = training.losses.LOSSES (kept here: no torch import at CLI start)
-SAMPLER_CHOICES = ("none", "class_aware")  # = training.sampling.SAMPLERS
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``cxr train`` / ``python -m training.train`` (defaults: the paper's settings)."""
-    p.add_argument("--data", required=True, help="NIH folder (images + labels.csv) or a labelled CSV")
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--arch", default="densenet121", help="a key of cxr.models.architectures.ARCHITECTURES")
-    p.add_argument("--split", type=Path, help="split JSON (default: make one, saved to RUN_DIR/split.json)")
-    p.add_argument("--epochs", type=int, default=350)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=25)
-    p.add_argument("--min-delta", type=float, default=0.001)
-    p.add_argument("--loss", default="wbce", choices=LOSS_CHOICES)
-    p.add_argument("--sampler", default="none", choices=SAMPLER_CHOICES)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes per training process")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--imagenet", action="store_true", help="start from ImageNet weights (downloads; opt-in)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument(
-        "--max-images",
-        type=int,
-        help="use at most N train + val images (each part cut in proportion; for quick checks)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=512, help="width of the head's two dense layers")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--freeze-fraction", type=float, default=0.1, help="share of conv layers frozen (paper: 0.1)")
-    p.add_argument("--no-augment", action="store_true", help="switch the paper's augmentation off")
-    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (no bf16 / channels_last)")
-    p.add_argument("--cache-gb", type=float, default=4.0, help="in-memory cache of resized images (0: off)")
-    p.add_argument("--log-steps", type=int, default=0, help="write the loss of the first N steps to steps.csv")
-
-
 def _say(text: str, err: bool = False) -> None:
     """One line for a person (stdout), or for errors (stderr)."""
     (sys.stderr if err else sys.stdout).write(text + "\n")
@@ -77,8 +41,10 @@ def _train(args: argparse.Namespace) -> int:
     from training.train import run_training
 
     record = run_training(args)
-    _say(f"trained {record['arch']} for {record['epochs_run']} epochs; best epoch {record['best_epoch']} "
-          f"(validation loss {record['best_val_loss']:.4f}); run in {args.out}")  # fmt: skip
+    kept = f"best epoch {record['best_epoch']}" if record["checkpoint"] == "best" else "final epoch kept"
+    _say(f"trained {record['arch']} ({record['recipe_name']} recipe, init {record['init']['init']}) for "
+         f"{record['epochs_run']} epochs; {kept} (validation loss {record['best_val_loss']:.4f}); "
+         f"run in {args.out}")  # fmt: skip
     return 0
 
 
@@ -137,8 +103,9 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train one CNN of the ensemble (one process)",
-        description="Train one CNN of the ensemble in one process. Several GPUs / machines: "
-        "torchrun --nproc_per_node=N -m training.train ARGS (same ARGS; --batch-size is per process).",
+        description="Train one CNN of the ensemble in one process (--recipe paper|small-data, --init "
+        "none|imagenet|torchxrayvision|PATH). Several GPUs / machines: torchrun --nproc_per_node=N -m "
+        "training.train ARGS (same ARGS; --batch-size is per process).",
     )
     add_train_arguments(p)
     p.set_defaults(func=_guarded(_train))

@@ -23,7 +23,7 @@ from cxr.core.errors import ManifestError
 from cxr.core.preprocess import PreprocessSpec
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENSEMBLE_RULES = ("ctp", "ptc_lw", "ptc_mode")
 
 
@@ -35,9 +35,14 @@ class ModelEntry:
     arch: str  # a key of cxr.models.architectures.ARCHITECTURES
     weights: str  # file name inside the ensemble directory
     sha256: str = ""  # of the weights file; checked on load when present
-    hidden: int = 512  # width of the two dense layers of the head (paper: 512)
+    hidden: int = 512  # width of the two dense layers of the head (paper: 512); 0 = linear head
     dropout: float = 0.2
     thresholds: tuple[float, ...] | None = None  # per-label; None -> the ensemble thresholds are used for votes
+    input_norm: str = "spec"  # input mapping inside the model (cxr.models.architectures.INPUT_NORMS)
+    # calibration (cxr.core.calibration): probability = sigmoid((logit - logit_offset) / temperature), per label;
+    # None = identity (bundles written before calibration existed)
+    logit_offset: tuple[float, ...] | None = None
+    temperature: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Manifest:
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     ensemble_rule: str = "ctp"
     threshold_criterion: str = "fixed 0.5"  # how thresholds were chosen (documented in the evaluation report)
+    calibration: str = "none"  # how each model's logit_offset / temperature were fitted
     description: str = ""
     trained_on: str = ""
     intended_use: str = "Research and demonstration only. NOT FOR CLINICAL USE."
@@ -77,8 +83,12 @@ class Manifest:
         if len(set(names)) != len(names):
             raise ManifestError(f"model names must be unique: {names}")
         for m in self.models:
-            if m.thresholds is not None and len(m.thresholds) != len(self.labels):
-                raise ManifestError(f"model {m.name}: {len(m.thresholds)} thresholds for {len(self.labels)} labels")
+            for what in ("thresholds", "logit_offset", "temperature"):
+                v = getattr(m, what)
+                if v is not None and len(v) != len(self.labels):
+                    raise ManifestError(f"model {m.name}: {len(v)} values of {what} for {len(self.labels)} labels")
+            if m.temperature is not None and not all(t > 0 and math.isfinite(t) for t in m.temperature):
+                raise ManifestError(f"model {m.name}: temperatures must be positive and finite")
         if self.ensemble_rule not in ENSEMBLE_RULES:
             raise ManifestError(f"unknown ensemble rule {self.ensemble_rule!r}; known: {ENSEMBLE_RULES}")
 
@@ -107,8 +117,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         try:
             models = tuple(
-                ModelEntry(**{**m, "thresholds": tuple(m["thresholds"]) if m.get("thresholds") else None})
-                for m in d["models"]
+                ModelEntry(**{**m, **{k: _optional_tuple(m.get(k)) for k in _PER_LABEL}}) for m in d["models"]
             )
             return cls(
                 name=d["name"],
@@ -119,6 +128,7 @@ class Manifest:
                 preprocess=PreprocessSpec(**d.get("preprocess", {})),
                 ensemble_rule=d.get("ensemble_rule", "ctp"),
                 threshold_criterion=d.get("threshold_criterion", "fixed 0.5"),
+                calibration=d.get("calibration", "none"),
                 description=d.get("description", ""),
                 trained_on=d.get("trained_on", ""),
                 intended_use=d.get("intended_use", cls.intended_use),
@@ -134,6 +144,13 @@ class Manifest:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ManifestError(f"manifest is not JSON: {e}") from e
+
+
+_PER_LABEL = ("thresholds", "logit_offset", "temperature")
+
+
+def _optional_tuple(values: Any) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values else None
 
 
 def read_manifest(ensemble_dir: str | Path) -> Manifest:

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from cxr.core.calibration import calibrated_probabilities
 from cxr.core.manifest import Manifest, checked_weights_path, file_sha256, read_manifest, write_manifest
 from cxr.models.architectures import CXRNet, build_model
 
@@ -48,11 +50,20 @@ def load_members(ensemble_dir: str | Path, manifest: Manifest, device: str | tor
     members = []
     for entry in manifest.models:
         path = checked_weights_path(ensemble_dir, entry)
-        model = build_model(entry.arch, len(manifest.labels), hidden=entry.hidden, dropout=entry.dropout)
+        model = build_model(entry.arch, len(manifest.labels), hidden=entry.hidden, dropout=entry.dropout,
+                            input_norm=entry.input_norm, spec=manifest.preprocess)  # fmt: skip
         sd = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()})
         members.append(model.to(device).eval())
     return members
+
+
+def logits_to_probabilities(manifest: Manifest, logits: np.ndarray) -> np.ndarray:
+    """(…, M, L) logits of the manifest's models -> calibrated (…, M, L) float32 probabilities
+    (``cxr.core.calibration``; identity calibration for bundles without one)."""
+    return calibrated_probabilities(
+        logits, [m.logit_offset for m in manifest.models], [m.temperature for m in manifest.models]
+    )
 
 
 def load_ensemble(ensemble_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Manifest, EnsembleNet]:

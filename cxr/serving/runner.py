@@ -1,4 +1,5 @@
-"""Server-independent inference over a whole ensemble: npy request blob -> probabilities -> result document.
+"""Server-independent inference over a whole ensemble: npy request blob -> calibrated probabilities (each model's
+logit offset and temperature from the manifest) -> result document.
 
 Everything a model server needs lives here so that the TorchServe handler (``services/inference/handler.py``)
 stays a thin adapter and the ensemble could move to another server unchanged. No TorchServe import, no I/O
@@ -22,7 +23,7 @@ from cxr.core.ensemble import findings_for_image
 from cxr.core.errors import CxrError, InvalidInputError
 from cxr.core.manifest import Manifest
 from cxr.core.wire import decode_input
-from cxr.models.bundle import EnsembleNet, load_ensemble
+from cxr.models.bundle import EnsembleNet, load_ensemble, logits_to_probabilities
 
 
 def error_document(error: CxrError) -> dict[str, Any]:
@@ -74,9 +75,8 @@ class EnsembleRunner:
             )
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            logits = self._forward(t)
-            probs = torch.sigmoid(logits.float())
-        return probs.cpu().numpy().astype(np.float32, copy=False)
+            logits = self._forward(t).float().cpu().numpy()
+        return logits_to_probabilities(self.manifest, logits)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, M, L) with the device's precision policy (bf16 autocast on CUDA, float32 on CPU)."""

@@ -169,8 +169,8 @@ def test_make_sampler_errors() -> None:
 
 
 def test_cli_choices_match_the_implementations() -> None:
-    from cxr.cli.train_cmds import LOSS_CHOICES, SAMPLER_CHOICES
     from training.losses import LOSSES
+    from training.recipes import CHOICES
     from training.sampling import SAMPLERS
 
-    assert LOSS_CHOICES == LOSSES and SAMPLER_CHOICES == SAMPLERS
+    assert CHOICES["loss"] == LOSSES and CHOICES["sampler"] == SAMPLERS
