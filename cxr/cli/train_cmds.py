@@ -17,6 +17,8 @@ from cxr import NOT_FOR_CLINICAL_USE
 from training.options import add_train_arguments
 
 DEFAULT_MODEL = Path("model_store") / "cxr-demo-nih14"
+
+
 def _say(text: str, err: bool = False) -> None:
     """One line for a person (stdout), or for errors (stderr)."""
     (sys.stderr if err else sys.stdout).write(text + "\n")
