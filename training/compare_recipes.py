@@ -44,6 +44,7 @@ class Variant:
     settings: dict[str, Any] = field(default_factory=dict)
     arch: str = "mobilenet_v3_small"
     pretrained: bool = True
+    seed: int = 0
 
 
 VARIANTS: dict[str, Variant] = {
@@ -68,9 +69,14 @@ VARIANTS: dict[str, Variant] = {
                               pretrained=False),
     "paper": Variant(f"the paper's recipe, ImageNet init ({PAPER_EPOCHS} epochs max)", recipe="paper",
                      settings={"epochs": PAPER_EPOCHS}),
+    "paper-bn-frozen": Variant(f"the paper's recipe with BatchNorm statistics frozen, ImageNet init ({PAPER_EPOCHS} "
+                               "epochs max)", recipe="paper", settings={"epochs": PAPER_EPOCHS, "bn": "frozen"}),
     "paper-no-pretraining": Variant(f"the paper's recipe, random init ({PAPER_EPOCHS} epochs max)", recipe="paper",
                                     settings={"epochs": PAPER_EPOCHS}, pretrained=False),
+    "seed-1": Variant("the reference with another seed (head init, order, augmentation)", seed=1),
+    "seed-2": Variant("the reference with a third seed", seed=2),
     "mobilenet_v2": Variant("family: MobileNetV2 (small-data recipe)", arch="mobilenet_v2"),
+    "efficientnet_lite1": Variant("family: EfficientNet-Lite1 (small-data recipe)", arch="efficientnet_lite1"),
     "efficientnet_lite0": Variant("family: EfficientNet-Lite0 (small-data recipe)", arch="efficientnet_lite0"),
     "efficientnet_lite2": Variant("family: EfficientNet-Lite2 (small-data recipe)", arch="efficientnet_lite2"),
 }  # fmt: skip
@@ -92,7 +98,7 @@ def init_arguments(arch: str, pretrained: bool, pretrained_dir: Path) -> list[st
 
 def run_arguments(variant: Variant, data: Path, split: Path, run_dir: Path, pretrained_dir: Path) -> list[str]:
     args = ["--data", str(data), "--split", str(split), "--out", str(run_dir), "--arch", variant.arch,
-            "--recipe", variant.recipe, "--workers", "0", "--device", "auto", "--seed", "0"]  # fmt: skip
+            "--recipe", variant.recipe, "--workers", "0", "--device", "auto", "--seed", str(variant.seed)]  # fmt: skip
     args += init_arguments(variant.arch, variant.pretrained, pretrained_dir)
     settings = dict(variant.settings)
     if variant.recipe == "small-data":
@@ -178,12 +184,33 @@ def summarise(names: list[str], args: argparse.Namespace, y: np.ndarray) -> dict
         for scoring, logits in pooled(root, args.folds, len(y)).items():
             scores[f"{name}/{scoring}"] = sigmoid(logits)
         meta[name] = {"what": VARIANTS[name].what, "train_seconds_all_folds": round(fold_seconds(root, args.folds))}
+    for members in family_ensembles(names):
+        key = "+".join(members)
+        kind = "seeds of the reference" if members == SEEDS else "families"
+        meta[key] = {"what": f"CTP ensemble (mean probability) of {len(members)} {kind}",
+                     "train_seconds_all_folds": sum(meta[m]["train_seconds_all_folds"] for m in members)}  # fmt: skip
+        for scoring in ("final", "final+tta"):
+            scores[f"{key}/{scoring}"] = np.mean([scores[f"{m}/{scoring}"] for m in members], axis=0)
     reference = f"{REFERENCE}/final"
     table = compare_mean_auroc(y, scores, reference, args.bootstrap, seed=0)
     for key, s in scores.items():  # pooled scores mix k models' scales; the mean of per-fold AUROCs does not
         table[key]["fold_mean_auroc"] = float(np.mean([mean_auroc(y[idx], s[idx]) for idx in folds]))
     return {"reference": reference, "folds": args.folds, "n_images": len(y), "n_boot": args.bootstrap,
             "variants": meta, "scores": table, "settings": {n: _variant_doc(n) for n in names}}  # fmt: skip
+
+
+FAMILIES = (REFERENCE, "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+SEEDS = (REFERENCE, "seed-1", "seed-2")
+
+
+def family_ensembles(names: list[str]) -> list[tuple[str, ...]]:
+    """Every combination of two or more finished family variants, and the reference's three seeds (scored as
+    CTP ensembles of their out-of-fold predictions: each image predicted by models that never saw it)."""
+    from itertools import combinations
+
+    done = [n for n in FAMILIES if n in names]
+    combos = [c for k in range(2, len(done) + 1) for c in combinations(done, k)]
+    return combos + ([SEEDS] if all(n in names for n in SEEDS) else [])
 
 
 def _variant_doc(name: str) -> dict[str, Any]:

@@ -53,7 +53,9 @@ class InitSource:
 
 
 def resolve_init(init: str, arch: str, input_norm: str = "auto") -> InitSource:
-    """``--init`` and ``--input-norm`` -> InitSource (no weights read yet). Raises InitWeightsError."""
+    """``--init`` and ``--input-norm`` -> InitSource (downloads nothing; a file is read to tell its layout, which
+    decides the default normalisation: TorchXRayVision -> xrv, TensorFlow ports -> tf, else ImageNet's).
+    Raises InitWeightsError."""
     bb = get_backbone(arch)
     if init == "none":
         return InitSource("none", _norm(input_norm, "spec"))
@@ -68,11 +70,18 @@ def resolve_init(init: str, arch: str, input_norm: str = "auto") -> InitSource:
         if arch != "densenet121":
             raise InitWeightsError(f"TorchXRayVision weights fit densenet121 only, not {arch}")
         return InitSource("torchxrayvision", _norm(input_norm, "xrv"), None, XRV_WEIGHTS)
-    path = Path(init)
+    path = Path(init)  # a file: its layout decides the default normalisation
     if not path.is_file():
         raise InitWeightsError(f"--init {init!r}: not none/imagenet/torchxrayvision and no such file")
-    default = "tf" if bb.timm_name else "imagenet"
-    return InitSource("file", _norm(input_norm, default), str(path))
+    if input_norm != "auto":
+        return InitSource("file", input_norm, str(path))
+    source = InitSource("file", "imagenet", str(path))
+    sd = read_state_dict(source)
+    if _is_xrv(sd):
+        return InitSource("file", "xrv", str(path), "TorchXRayVision layout")
+    if bb.timm_name or any(k.startswith("_conv_stem") for k in sd):
+        return InitSource("file", "tf", str(path))
+    return source
 
 
 def _norm(asked: str, default: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from cxr import NOT_FOR_CLINICAL_USE
 from training.options import add_train_arguments
 
-DEFAULT_MODEL = Path("model_store") / "cxr-demo-nih14"
+DEFAULT_MODEL = Path("model_store") / "cxr-nih14-imagenet"
 
 
 def _say(text: str, err: bool = False) -> None:
@@ -62,7 +62,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _default_model() -> Path:
-    """model_store/cxr-demo-nih14 under the current directory, else under the repository."""
+    """model_store/cxr-nih14-imagenet under the current directory, else under the repository."""
     if DEFAULT_MODEL.is_dir():
         return DEFAULT_MODEL
     return Path(__file__).resolve().parents[2] / DEFAULT_MODEL

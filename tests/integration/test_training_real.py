@@ -34,6 +34,7 @@ from training.trainer import METRICS_COLUMNS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621"
+V3_SMALL = REPO.parent / "shared" / "data" / "pretrained" / "mobilenet_v3_small_imagenet_torchvision.pth"
 TINY = ["--image-size", "64", "--batch-size", "8", "--max-images", "48", "--hidden", "16", "--device", "cpu"]
 
 
@@ -57,7 +58,8 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One split, three training runs (two identical resnet18 runs, one interrupted and resumed), one
-    mobilenet run with worker processes, and the ensemble built by `cxr ensemble`."""
+    mobilenet run with worker processes, one small-data run from ImageNet weights through `cxr train`, and the
+    ensemble built by `cxr ensemble`."""
     root = tmp_path_factory.mktemp("training")
     ds = load_dataset(NIH)
     split_path = root / "split.json"
@@ -67,11 +69,17 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert _train(b, split_path, "--arch", "resnet18", "--epochs", "1", "--workers", "0") == 0
     assert _train(b, split_path, "--arch", "resnet18", "--epochs", "2", "--workers", "0", "--resume") == 0
     assert _train(m, split_path, "--arch", "mobilenet_v3_large", "--epochs", "1", "--workers", "2") == 0
+    s = root / "small"
+    done = _cxr("train", "--data", str(NIH), "--split", str(split_path), "--out", str(s), *TINY, "--arch",
+                "mobilenet_v3_small", "--recipe", "small-data", "--init", str(V3_SMALL), "--input-norm", "tf",
+                "--epochs", "2", "--hidden", "0", "--ema-decay", "0.9", "--workers", "0")  # fmt: skip
+    assert done.returncode == 0 and "small-data recipe" in done.stdout, done.stderr
     ens = root / "ensemble"
-    done = _cxr("ensemble", "--runs", str(a), str(m), "--data", str(NIH), "--split", str(split_path), "--out",
-                str(ens), "--name", "cxr-test", "--version", "0.0.1", "--workers", "0", "--device", "cpu")  # fmt: skip
+    done = _cxr("ensemble", "--runs", str(a), str(m), str(s), "--data", str(NIH), "--split", str(split_path),
+                "--out", str(ens), "--name", "cxr-test", "--version", "0.0.1", "--workers", "0",
+                "--device", "cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return {"root": root, "ds": ds, "split": split_path, "a": a, "b": b, "m": m, "ens": ens}
+    return {"root": root, "ds": ds, "split": split_path, "a": a, "b": b, "m": m, "s": s, "ens": ens}
 
 
 def test_run_directory_holds_checkpoints_metrics_and_record(work: dict[str, Any]) -> None:
@@ -116,18 +124,42 @@ def test_resumed_run_matches_the_uninterrupted_one(work: dict[str, Any]) -> None
     assert last["state"]["epoch"] == 2 and "optimizer" in last and len(last["rng"]) == 1
 
 
-def test_ensemble_manifest_has_tuned_thresholds(work: dict[str, Any]) -> None:
+def test_a_small_data_run_records_its_recipe_and_initial_weights(work: dict[str, Any]) -> None:
+    s = work["s"]
+    record = json.loads((s / "run.json").read_text())
+    assert record["recipe_name"] == "small-data" and record["recipe"]["optimizer"] == "adamw"
+    assert record["recipe"]["epochs"] == 2 and record["hidden"] == 0 and record["checkpoint"] == "last"
+    assert record["init"]["sha256"] == "ce0b12e7d75659c448f173858551489d9c1aa917be15a96cdcaeb5f6956cc56b"
+    assert record["input_norm"] == "tf" and record["frozen_batchnorms"] == 34 and record["frozen_convs"] == 0
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    best, ema, final = (torch.load(s / f, map_location="cpu", weights_only=True) for f in ("best.pt", "ema.pt",
+                                                                                        "final.pt"))  # fmt: skip
+    assert all(torch.equal(best[k], ema[k]) for k in best)  # checkpoint "last" with EMA keeps the average
+    assert not all(torch.equal(final[k], ema[k]) for k in final)
+    initial = torch.load(V3_SMALL, map_location="cpu", weights_only=True)
+    assert torch.equal(final["backbone.0.1.running_var"], initial["features.0.1.running_var"])  # BN frozen
+
+
+def test_ensemble_manifest_has_calibration_and_tuned_thresholds(work: dict[str, Any]) -> None:
     manifest, net = load_ensemble(work["ens"])
-    assert manifest.model_names == ("resnet18", "mobilenet_v3_large") and manifest.labels == NIH_CXR14
+    assert manifest.model_names == ("resnet18", "mobilenet_v3_large", "mobilenet_v3_small")
+    assert manifest.labels == NIH_CXR14
     assert manifest.ensemble_rule == "ctp" and "positive-class F1" in manifest.threshold_criterion
+    assert "temperature scaling" in manifest.calibration
     assert all(0.0 <= t <= 1.0 for t in manifest.thresholds)
-    assert all(m.thresholds is not None and m.hidden == 16 for m in manifest.models)
+    assert [m.hidden for m in manifest.models] == [16, 16, 0] and manifest.models[2].input_norm == "tf"
+    for entry, run in zip(manifest.models, ("a", "m", "s"), strict=True):
+        record = json.loads((work[run] / "run.json").read_text())
+        assert entry.thresholds is not None and entry.temperature is not None and entry.logit_offset is not None
+        assert np.allclose(entry.logit_offset, np.log(record["pos_weight"]), atol=1e-6)
+        assert all(0.05 <= t <= 20 for t in entry.temperature)
+    assert set(manifest.extra["validation_ece"]) == {*manifest.model_names, "ctp"}
     val = work["ds"].subset(Split.load(work["split"]).indices(work["ds"], "val"))
     for j, t in enumerate(manifest.thresholds):
         if val.labels[:, j].sum() == 0:
             assert t == 0.5  # no validation positives: the default
     with torch.inference_mode():
-        assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 2, len(NIH_CXR14))
+        assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 3, len(NIH_CXR14))
 
 
 def test_evaluate_json_is_one_object_with_every_model_and_rule(work: dict[str, Any]) -> None:
@@ -140,7 +172,10 @@ def test_evaluate_json_is_one_object_with_every_model_and_rule(work: dict[str, A
     assert done.stdout.strip().count("\n") == 0
     n_test = len(Split.load(work["split"]).test)
     assert report["n_images"] == n_test and report["labels"] == list(NIH_CXR14) and report["skipped_labels"] == []
-    assert set(report["models"]) == {"resnet18", "mobilenet_v3_large"}
+    assert set(report["models"]) == {"resnet18", "mobilenet_v3_large", "mobilenet_v3_small"}
+    ece = report["calibration"]["ece"]
+    assert set(ece) == {"resnet18", "mobilenet_v3_large", "mobilenet_v3_small", "ctp"}
+    assert ece["ctp"]["after"] == pytest.approx(report["ensembles"]["ctp"]["ece"])  # the report is calibrated
     assert set(report["ensembles"]) == {"ctp", "ptc_lw", "ptc_mode"}
     keys = {"auroc_mean", "auprc_mean", "f1_positive_mean", "f1_paper_mean_pos_neg", "hamming_loss", "ece",
             "per_label", "ci95"}  # fmt: skip
@@ -152,6 +187,7 @@ def test_evaluate_json_is_one_object_with_every_model_and_rule(work: dict[str, A
     assert saved["ensembles"]["ctp"]["auroc_mean"] == report["ensembles"]["ctp"]["auroc_mean"]
     md = (report_dir / "report.md").read_text()
     assert "NOT FOR CLINICAL USE" in md and "ensemble PTC_MODE" in md and f"{n_test} images" in md
+    assert "## Calibration" in md and "ECE plain sigmoid" in md
     for png in ("roc.png", "pr.png", "reliability.png"):
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

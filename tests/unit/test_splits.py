@@ -203,3 +203,18 @@ def test_make_split_bad_fractions(fractions: tuple[float, ...], message: str, ni
 def test_make_split_empty_dataset(nih: LabelledImages) -> None:
     with pytest.raises(ValueError, match="empty dataset"):
         make_split(nih.subset([]))
+
+
+def test_kfold_puts_every_nih_image_in_exactly_one_test_fold_patient_disjoint(nih: LabelledImages) -> None:
+    from training.splits import kfold_splits
+
+    folds = kfold_splits(nih, 5, val_fraction=0.1, seed=0)
+    tests = [set(f.test) for f in folds]
+    assert sum(len(t) for t in tests) == len(nih) and set().union(*tests) == set(nih.image_ids)
+    for f in folds:
+        assert f.patients_in_two_splits(nih) == 0
+        assert len(f.test) == 100 and len(f.val) == 40 and len(f.train) == 360
+        assert (nih.labels[f.indices(nih, "test")] == 1).sum(axis=0).min() >= 2  # every label in every fold
+    assert folds == kfold_splits(nih, 5, val_fraction=0.1, seed=0)  # deterministic
+    with pytest.raises(ValueError, match="k >= 2"):
+        kfold_splits(nih, 1)
