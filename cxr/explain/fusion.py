@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from cxr.explain.methods import AGREEMENT_MASKED, FUSION_RULES, MEAN, PROBABILITY_WEIGHTED
+
 
 def normalize_maps(cams: np.ndarray) -> np.ndarray:
     """Divide each (h, w) map of a ``(..., h, w)`` stack by its own maximum -> float32 in [0, 1].
@@ -47,6 +49,35 @@ def fuse_maps(per_model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises ValueError if the stack is not 4-D or has no model."""
     a = _model_stack(per_model)
     return a.mean(axis=0).astype(np.float32), a.std(axis=0).astype(np.float32)
+
+
+def fuse_by_rule(per_model: np.ndarray, rule: str, probs: np.ndarray, votes: np.ndarray) -> np.ndarray:
+    """``(M, L, G, G)`` maps -> ``(L, G, G)`` float32 fused by ``rule``:
+
+    * ``mean``: the paper's pixel mean over models;
+    * ``probability_weighted``: each model's map weighted by its (calibrated) probability of the label,
+      sum_m p_m * map_m / sum_m p_m (the plain mean where every p_m is 0);
+    * ``agreement_masked``: the mean over the models that predict the label (``votes[m, l]`` true); the plain
+      mean where no model predicts it.
+
+    ``probs`` (M, L) in [0, 1], ``votes`` (M, L) bool. Raises ValueError for an unknown rule or shapes that do
+    not match."""
+    a = _model_stack(per_model)
+    n_models, n_labels = a.shape[:2]
+    p, v = np.asarray(probs, dtype=np.float64), np.asarray(votes, dtype=bool)
+    if p.shape != (n_models, n_labels) or v.shape != (n_models, n_labels):
+        raise ValueError(f"probs {p.shape} and votes {v.shape} must both be {(n_models, n_labels)}")
+    if rule == MEAN:
+        weights = np.ones((n_models, n_labels))
+    elif rule == PROBABILITY_WEIGHTED:
+        weights = np.clip(p, 0.0, None)
+    elif rule == AGREEMENT_MASKED:
+        weights = v.astype(np.float64)
+    else:
+        raise ValueError(f"unknown fusion rule {rule!r}; known: {FUSION_RULES}")
+    total = weights.sum(axis=0, keepdims=True)
+    weights = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 1.0 / n_models)
+    return np.einsum("ml,mlhw->lhw", weights, a).astype(np.float32)
 
 
 def spatial_agreement(per_model: np.ndarray, top_fraction: float = 0.2) -> np.ndarray:

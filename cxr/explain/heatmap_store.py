@@ -12,6 +12,9 @@ Format: a compressed ``.npz`` (read with ``allow_pickle=False``, so loading neve
     spatial_agreement (L,) float32      mean pairwise IoU of the models' top-20% masks
     mean_disagreement (L,) float32      mean over pixels of the (unquantised) std map
     method ()           unicode         how the maps were made (free text, for people)
+    explained (L,)      bool            optional: which labels were explained (captum methods explain only a
+                                        few; the maps of the others are all zero); absent = all
+
 
 Every map is quantised as ``round(255 * v)`` for v in [0, 1]: the absolute error is at most 1/510 ~ 0.002.
 Map grids are in model-input space: the whole radiograph squashed to a square (``cxr.core.preprocess``), so a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +52,7 @@ class HeatmapSet:
     spatial_agreement: np.ndarray
     mean_disagreement: np.ndarray
     method: str
+    explained: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_models, n_labels, g = len(self.models), len(self.labels), self.grid
@@ -58,6 +63,8 @@ class HeatmapSet:
         _check_array("std", self.std, (n_labels, g, g), np.uint8)
         _check_array("spatial_agreement", self.spatial_agreement, (n_labels,), np.float32)
         _check_array("mean_disagreement", self.mean_disagreement, (n_labels,), np.float32)
+        if self.explained is not None:
+            _check_array("explained", self.explained, (n_labels,), np.bool_)
 
     def label_index(self, label: str) -> int:
         """Position of ``label``; raises KeyError if it is not one of the labels."""
@@ -65,6 +72,12 @@ class HeatmapSet:
             return self.labels.index(label)
         except ValueError:
             raise KeyError(label) from None
+
+    def is_explained(self, label: str) -> bool:
+        """Whether ``label`` has maps (always, unless a captum method explained only some labels). Raises
+        KeyError for an unknown label."""
+        j = self.label_index(label)
+        return self.explained is None or bool(self.explained[j])
 
     def fused_map(self, label: str) -> np.ndarray:
         """The fused map of one label as float32 in [0, 1], (G, G). Raises KeyError for an unknown label."""
@@ -87,20 +100,22 @@ def dequantize(values: np.ndarray) -> np.ndarray:
 
 def pack_heatmaps(h: HeatmapSet) -> bytes:
     """HeatmapSet -> compressed npz bytes (see the module docstring)."""
+    arrays: dict[str, Any] = {
+        "format_version": np.int64(FORMAT_VERSION),
+        "labels": np.array(h.labels, dtype=np.str_),
+        "models": np.array(h.models, dtype=np.str_),
+        "grid": np.int64(h.grid),
+        "per_model": h.per_model,
+        "fused": h.fused,
+        "std": h.std,
+        "spatial_agreement": h.spatial_agreement,
+        "mean_disagreement": h.mean_disagreement,
+        "method": np.array(h.method, dtype=np.str_),
+    }
+    if h.explained is not None:
+        arrays["explained"] = h.explained
     buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        format_version=np.int64(FORMAT_VERSION),
-        labels=np.array(h.labels, dtype=np.str_),
-        models=np.array(h.models, dtype=np.str_),
-        grid=np.int64(h.grid),
-        per_model=h.per_model,
-        fused=h.fused,
-        std=h.std,
-        spatial_agreement=h.spatial_agreement,
-        mean_disagreement=h.mean_disagreement,
-        method=np.array(h.method, dtype=np.str_),
-    )
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 
@@ -119,7 +134,7 @@ def unpack_heatmaps(blob: bytes) -> HeatmapSet:
 
 
 def _from_arrays(arrays: dict[str, np.ndarray]) -> HeatmapSet:
-    if set(arrays) != set(_FIELDS):
+    if set(arrays) - {"explained"} != set(_FIELDS):
         raise ValueError(f"fields {sorted(arrays)} differ from {sorted(_FIELDS)}")
     if int(arrays["format_version"]) != FORMAT_VERSION:
         raise ValueError(f"format version {arrays['format_version']} is not {FORMAT_VERSION}")
@@ -136,6 +151,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> HeatmapSet:
         spatial_agreement=arrays["spatial_agreement"],
         mean_disagreement=arrays["mean_disagreement"],
         method=str(arrays["method"]),
+        explained=arrays.get("explained"),
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cxr/ingestion/v1/ingestion.proto\x12\x10\x63xr.ingestion.v1\"`\n\x0e\x41nalyzeRequest\x12\x35\n\x08metadata\x18\x01 \x01(\x0b\x32!.cxr.ingestion.v1.AnalyzeMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"k\n\x0f\x41nalyzeMetadata\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x15\n\rexpected_size\x18\x02 \x01(\x03\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\x12\x18\n\x10skip_explanation\x18\x04 \x01(\x08\"\x8b\x01\n\rDicomIdentity\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x15\n\rview_position\x18\x05 \x01(\t\"h\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x15\n\rensemble_rule\x18\x04 \x01(\t\x12\x14\n\x0cintended_use\x18\x05 \x01(\t\"\xfe\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12N\n\x13model_probabilities\x18\x03 \x03(\x0b\x32\x31.cxr.ingestion.v1.Finding.ModelProbabilitiesEntry\x12\r\n\x05votes\x18\x04 \x01(\x05\x12\x10\n\x08n_models\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x10\n\x08positive\x18\x07 \x01(\x08\x1a\x39\n\x17ModelProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd7\x02\n\x0f\x41nalyzeResponse\x12\x31\n\x08identity\x18\x01 \x01(\x0b\x32\x1f.cxr.ingestion.v1.DicomIdentity\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.cxr.ingestion.v1.ModelInfo\x12+\n\x08\x66indings\x18\x03 \x03(\x0b\x32\x19.cxr.ingestion.v1.Finding\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\x12\x44\n\ntimings_ms\x18\x08 \x03(\x0b\x32\x30.cxr.ingestion.v1.AnalyzeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\x15GetExplanationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06render\x18\x02 \x01(\x08\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x15\n\rpositive_only\x18\x04 \x01(\x08\")\n\x17WatchExplanationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xce\x01\n\x10LabelExplanation\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05votes\x18\x03 \x01(\x05\x12\x10\n\x08n_models\x18\x04 \x01(\x05\x12\x10\n\x08positive\x18\x05 \x01(\x08\x12\x19\n\x11spatial_agreement\x18\x06 \x01(\x02\x12\x19\n\x11mean_disagreement\x18\x07 \x01(\x02\x12\x13\n\x0boverlay_png\x18\x08 \x01(\x0c\x12\x18\n\x10\x64isagreement_png\x18\t \x01(\x0c\"\xe2\x01\n\x0b\x45xplanation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cxr.ingestion.v1.JobStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.cxr.ingestion.v1.ModelInfo\x12\x32\n\x06labels\x18\x05 \x03(\x0b\x32\".cxr.ingestion.v1.LabelExplanation\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\"\x8d\x01\n\x13\x45xplanationProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cxr.ingestion.v1.JobStatus\x12\x10\n\x08progress\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x05 \x01(\t*\x9a\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x13\n\x0fJOB_STATUS_DONE\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x16\n\x12JOB_STATUS_SKIPPED\x10\x05\x32\xa6\x02\n\x10IngestionService\x12P\n\x07\x41nalyze\x12 .cxr.ingestion.v1.AnalyzeRequest\x1a!.cxr.ingestion.v1.AnalyzeResponse(\x01\x12X\n\x0eGetExplanation\x12\'.cxr.ingestion.v1.GetExplanationRequest\x1a\x1d.cxr.ingestion.v1.Explanation\x12\x66\n\x10WatchExplanation\x12).cxr.ingestion.v1.WatchExplanationRequest\x1a%.cxr.ingestion.v1.ExplanationProgress0\x01\x42\x63\n\x14org.cxr.ingestion.v1P\x01Z6github.com/cxr/cxr/gen/go/cxr/ingestion/v1;ingestionv1\xaa\x02\x10\x43xr.Ingestion.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cxr/ingestion/v1/ingestion.proto\x12\x10\x63xr.ingestion.v1\"`\n\x0e\x41nalyzeRequest\x12\x35\n\x08metadata\x18\x01 \x01(\x0b\x32!.cxr.ingestion.v1.AnalyzeMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x87\x01\n\x0f\x41nalyzeMetadata\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x15\n\rexpected_size\x18\x02 \x01(\x03\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\x12\x18\n\x10skip_explanation\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xplanation_method\x18\x05 \x01(\t\"\x8b\x01\n\rDicomIdentity\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x15\n\rview_position\x18\x05 \x01(\t\"h\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x15\n\rensemble_rule\x18\x04 \x01(\t\x12\x14\n\x0cintended_use\x18\x05 \x01(\t\"\xfe\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12N\n\x13model_probabilities\x18\x03 \x03(\x0b\x32\x31.cxr.ingestion.v1.Finding.ModelProbabilitiesEntry\x12\r\n\x05votes\x18\x04 \x01(\x05\x12\x10\n\x08n_models\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x10\n\x08positive\x18\x07 \x01(\x08\x1a\x39\n\x17ModelProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd7\x02\n\x0f\x41nalyzeResponse\x12\x31\n\x08identity\x18\x01 \x01(\x0b\x32\x1f.cxr.ingestion.v1.DicomIdentity\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.cxr.ingestion.v1.ModelInfo\x12+\n\x08\x66indings\x18\x03 \x03(\x0b\x32\x19.cxr.ingestion.v1.Finding\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\x12\x44\n\ntimings_ms\x18\x08 \x03(\x0b\x32\x30.cxr.ingestion.v1.AnalyzeResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"m\n\x15GetExplanationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06render\x18\x02 \x01(\x08\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x15\n\rpositive_only\x18\x04 \x01(\x08\x12\r\n\x05\x64icom\x18\x05 \x01(\x08\"\x8c\x01\n\x0b\x44icomObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x15\n\rsop_class_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\")\n\x17WatchExplanationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf4\x01\n\x10LabelExplanation\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05votes\x18\x03 \x01(\x05\x12\x10\n\x08n_models\x18\x04 \x01(\x05\x12\x10\n\x08positive\x18\x05 \x01(\x08\x12\x19\n\x11spatial_agreement\x18\x06 \x01(\x02\x12\x19\n\x11mean_disagreement\x18\x07 \x01(\x02\x12\x13\n\x0boverlay_png\x18\x08 \x01(\x0c\x12\x18\n\x10\x64isagreement_png\x18\t \x01(\x0c\x12\x11\n\tpanel_png\x18\n \x01(\x0c\x12\x11\n\texplained\x18\x0b \x01(\x08\"\xad\x02\n\x0b\x45xplanation\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cxr.ingestion.v1.JobStatus\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.cxr.ingestion.v1.ModelInfo\x12\x32\n\x06labels\x18\x05 \x03(\x0b\x32\".cxr.ingestion.v1.LabelExplanation\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06notice\x18\x07 \x01(\t\x12\x34\n\rdicom_objects\x18\x08 \x03(\x0b\x32\x1d.cxr.ingestion.v1.DicomObject\x12\x13\n\x0bsummary_png\x18\t \x01(\x0c\"\x8d\x01\n\x13\x45xplanationProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cxr.ingestion.v1.JobStatus\x12\x10\n\x08progress\x18\x03 \x01(\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x05 \x01(\t*\x9a\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x13\n\x0fJOB_STATUS_DONE\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x16\n\x12JOB_STATUS_SKIPPED\x10\x05\x32\xa6\x02\n\x10IngestionService\x12P\n\x07\x41nalyze\x12 .cxr.ingestion.v1.AnalyzeRequest\x1a!.cxr.ingestion.v1.AnalyzeResponse(\x01\x12X\n\x0eGetExplanation\x12\'.cxr.ingestion.v1.GetExplanationRequest\x1a\x1d.cxr.ingestion.v1.Explanation\x12\x66\n\x10WatchExplanation\x12).cxr.ingestion.v1.WatchExplanationRequest\x1a%.cxr.ingestion.v1.ExplanationProgress0\x01\x42\x63\n\x14org.cxr.ingestion.v1P\x01Z6github.com/cxr/cxr/gen/go/cxr/ingestion/v1;ingestionv1\xaa\x02\x10\x43xr.Ingestion.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINDING_MODELPROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=1834
-  _globals['_JOBSTATUS']._serialized_end=1988
+  _globals['_JOBSTATUS']._serialized_start=2134
+  _globals['_JOBSTATUS']._serialized_end=2288
   _globals['_ANALYZEREQUEST']._serialized_start=54
   _globals['_ANALYZEREQUEST']._serialized_end=150
-  _globals['_ANALYZEMETADATA']._serialized_start=152
-  _globals['_ANALYZEMETADATA']._serialized_end=259
-  _globals['_DICOMIDENTITY']._serialized_start=262
-  _globals['_DICOMIDENTITY']._serialized_end=401
-  _globals['_MODELINFO']._serialized_start=403
-  _globals['_MODELINFO']._serialized_end=507
-  _globals['_FINDING']._serialized_start=510
-  _globals['_FINDING']._serialized_end=764
-  _globals['_FINDING_MODELPROBABILITIESENTRY']._serialized_start=707
-  _globals['_FINDING_MODELPROBABILITIESENTRY']._serialized_end=764
-  _globals['_ANALYZERESPONSE']._serialized_start=767
-  _globals['_ANALYZERESPONSE']._serialized_end=1110
-  _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._serialized_start=1062
-  _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._serialized_end=1110
-  _globals['_GETEXPLANATIONREQUEST']._serialized_start=1112
-  _globals['_GETEXPLANATIONREQUEST']._serialized_end=1206
-  _globals['_WATCHEXPLANATIONREQUEST']._serialized_start=1208
-  _globals['_WATCHEXPLANATIONREQUEST']._serialized_end=1249
-  _globals['_LABELEXPLANATION']._serialized_start=1252
-  _globals['_LABELEXPLANATION']._serialized_end=1458
-  _globals['_EXPLANATION']._serialized_start=1461
-  _globals['_EXPLANATION']._serialized_end=1687
-  _globals['_EXPLANATIONPROGRESS']._serialized_start=1690
-  _globals['_EXPLANATIONPROGRESS']._serialized_end=1831
-  _globals['_INGESTIONSERVICE']._serialized_start=1991
-  _globals['_INGESTIONSERVICE']._serialized_end=2285
+  _globals['_ANALYZEMETADATA']._serialized_start=153
+  _globals['_ANALYZEMETADATA']._serialized_end=288
+  _globals['_DICOMIDENTITY']._serialized_start=291
+  _globals['_DICOMIDENTITY']._serialized_end=430
+  _globals['_MODELINFO']._serialized_start=432
+  _globals['_MODELINFO']._serialized_end=536
+  _globals['_FINDING']._serialized_start=539
+  _globals['_FINDING']._serialized_end=793
+  _globals['_FINDING_MODELPROBABILITIESENTRY']._serialized_start=736
+  _globals['_FINDING_MODELPROBABILITIESENTRY']._serialized_end=793
+  _globals['_ANALYZERESPONSE']._serialized_start=796
+  _globals['_ANALYZERESPONSE']._serialized_end=1139
+  _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._serialized_start=1091
+  _globals['_ANALYZERESPONSE_TIMINGSMSENTRY']._serialized_end=1139
+  _globals['_GETEXPLANATIONREQUEST']._serialized_start=1141
+  _globals['_GETEXPLANATIONREQUEST']._serialized_end=1250
+  _globals['_DICOMOBJECT']._serialized_start=1253
+  _globals['_DICOMOBJECT']._serialized_end=1393
+  _globals['_WATCHEXPLANATIONREQUEST']._serialized_start=1395
+  _globals['_WATCHEXPLANATIONREQUEST']._serialized_end=1436
+  _globals['_LABELEXPLANATION']._serialized_start=1439
+  _globals['_LABELEXPLANATION']._serialized_end=1683
+  _globals['_EXPLANATION']._serialized_start=1686
+  _globals['_EXPLANATION']._serialized_end=1987
+  _globals['_EXPLANATIONPROGRESS']._serialized_start=1990
+  _globals['_EXPLANATIONPROGRESS']._serialized_end=2131
+  _globals['_INGESTIONSERVICE']._serialized_start=2291
+  _globals['_INGESTIONSERVICE']._serialized_end=2585
 # @@protoc_insertion_point(module_scope)

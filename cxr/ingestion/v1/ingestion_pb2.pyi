@@ -31,16 +31,18 @@ class AnalyzeRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[AnalyzeMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class AnalyzeMetadata(_message.Message):
-    __slots__ = ("client_name", "expected_size", "skip_cache", "skip_explanation")
+    __slots__ = ("client_name", "expected_size", "skip_cache", "skip_explanation", "explanation_method")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     SKIP_EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_METHOD_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     expected_size: int
     skip_cache: bool
     skip_explanation: bool
-    def __init__(self, client_name: _Optional[str] = ..., expected_size: _Optional[int] = ..., skip_cache: _Optional[bool] = ..., skip_explanation: _Optional[bool] = ...) -> None: ...
+    explanation_method: str
+    def __init__(self, client_name: _Optional[str] = ..., expected_size: _Optional[int] = ..., skip_cache: _Optional[bool] = ..., skip_explanation: _Optional[bool] = ..., explanation_method: _Optional[str] = ...) -> None: ...
 
 class DicomIdentity(_message.Message):
     __slots__ = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality", "view_position")
@@ -123,16 +125,34 @@ class AnalyzeResponse(_message.Message):
     def __init__(self, identity: _Optional[_Union[DicomIdentity, _Mapping]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., job_id: _Optional[str] = ..., cached: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ..., notice: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetExplanationRequest(_message.Message):
-    __slots__ = ("job_id", "render", "labels", "positive_only")
+    __slots__ = ("job_id", "render", "labels", "positive_only", "dicom")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     render: bool
     labels: _containers.RepeatedScalarFieldContainer[str]
     positive_only: bool
-    def __init__(self, job_id: _Optional[str] = ..., render: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., positive_only: _Optional[bool] = ...) -> None: ...
+    dicom: bool
+    def __init__(self, job_id: _Optional[str] = ..., render: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., positive_only: _Optional[bool] = ..., dicom: _Optional[bool] = ...) -> None: ...
+
+class DicomObject(_message.Message):
+    __slots__ = ("kind", "sop_class_uid", "sop_instance_uid", "series_instance_uid", "description", "data")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SOP_CLASS_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    description: str
+    data: bytes
+    def __init__(self, kind: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., description: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WatchExplanationRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -141,7 +161,7 @@ class WatchExplanationRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class LabelExplanation(_message.Message):
-    __slots__ = ("label", "probability", "votes", "n_models", "positive", "spatial_agreement", "mean_disagreement", "overlay_png", "disagreement_png")
+    __slots__ = ("label", "probability", "votes", "n_models", "positive", "spatial_agreement", "mean_disagreement", "overlay_png", "disagreement_png", "panel_png", "explained")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     VOTES_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +171,8 @@ class LabelExplanation(_message.Message):
     MEAN_DISAGREEMENT_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     DISAGREEMENT_PNG_FIELD_NUMBER: _ClassVar[int]
+    PANEL_PNG_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_FIELD_NUMBER: _ClassVar[int]
     label: str
     probability: float
     votes: int
@@ -160,10 +182,12 @@ class LabelExplanation(_message.Message):
     mean_disagreement: float
     overlay_png: bytes
     disagreement_png: bytes
-    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., votes: _Optional[int] = ..., n_models: _Optional[int] = ..., positive: _Optional[bool] = ..., spatial_agreement: _Optional[float] = ..., mean_disagreement: _Optional[float] = ..., overlay_png: _Optional[bytes] = ..., disagreement_png: _Optional[bytes] = ...) -> None: ...
+    panel_png: bytes
+    explained: bool
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., votes: _Optional[int] = ..., n_models: _Optional[int] = ..., positive: _Optional[bool] = ..., spatial_agreement: _Optional[float] = ..., mean_disagreement: _Optional[float] = ..., overlay_png: _Optional[bytes] = ..., disagreement_png: _Optional[bytes] = ..., panel_png: _Optional[bytes] = ..., explained: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("job_id", "status", "failure_reason", "model", "labels", "method", "notice")
+    __slots__ = ("job_id", "status", "failure_reason", "model", "labels", "method", "notice", "dicom_objects", "summary_png")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +195,8 @@ class Explanation(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    DICOM_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_PNG_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: JobStatus
     failure_reason: str
@@ -178,7 +204,9 @@ class Explanation(_message.Message):
     labels: _containers.RepeatedCompositeFieldContainer[LabelExplanation]
     method: str
     notice: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., failure_reason: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[LabelExplanation, _Mapping]]] = ..., method: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
+    dicom_objects: _containers.RepeatedCompositeFieldContainer[DicomObject]
+    summary_png: bytes
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., failure_reason: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[LabelExplanation, _Mapping]]] = ..., method: _Optional[str] = ..., notice: _Optional[str] = ..., dicom_objects: _Optional[_Iterable[_Union[DicomObject, _Mapping]]] = ..., summary_png: _Optional[bytes] = ...) -> None: ...
 
 class ExplanationProgress(_message.Message):
     __slots__ = ("job_id", "status", "progress", "message", "failure_reason")
