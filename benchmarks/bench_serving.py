@@ -1,7 +1,7 @@
 """Serving benchmark (not a test): how much the service path costs on top of the bare ensemble forward.
 
     .venv/bin/python benchmarks/bench_serving.py                      # starts its own stack on free ports
-    .venv/bin/python benchmarks/bench_serving.py --address 127.0.0.1:50151 --model-dir model_store/cxr-demo-nih14
+    .venv/bin/python benchmarks/bench_serving.py --address 127.0.0.1:50151 --model-dir model_store/cxr-nih14-imagenet
 
 Measures, for an uncompressed DICOM (RG1_UNCR.dcm) and the JPEG 2000 one (RG1_J2KR.dcm):
   - latency of one Analyze end to end (gRPC upload, decode, preprocess, TorchServe inference, store;
@@ -11,7 +11,7 @@ Measures, for an uncompressed DICOM (RG1_UNCR.dcm) and the JPEG 2000 one (RG1_J2
   - throughput with N concurrent clients (default 4);
   - explanation time per job (Analyze answered -> WatchExplanation reports DONE) vs a bare forward.
 Prints a table and writes benchmarks/results/serving.json. Model: CXR_MODEL_DIR / --model-dir, else
-model_store/cxr-demo-nih14 if present, else a random demo-like ensemble (densenet121, efficientnet_b0,
+model_store/cxr-nih14-imagenet if present, else a random demo-like ensemble (densenet121, efficientnet_b0,
 mobilenet_v3_large at 224 px). Research software: NOT FOR CLINICAL USE.
 """
 
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DICOM = REPO.parent / "shared" / "data" / "dicom"
 FILES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm")
 RESULTS = REPO / "benchmarks" / "results" / "serving.json"
-DEMO = REPO / "model_store" / "cxr-demo-nih14"
+DEMO = REPO / "model_store" / "cxr-nih14-imagenet"
 DEMO_LIKE = ("densenet121", "efficientnet_b0", "mobilenet_v3_large")
 TARGET_RATIO = 1.3
 

@@ -24,6 +24,7 @@ import grpc
 
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from cxr.ingestion.v1 import ingestion_pb2_grpc as pb_grpc
+from cxr.tls import ClientTLS, make_channel
 
 CHUNK_SIZE = 1024 * 1024  # the API accepts chunks up to 1 MiB
 REASON_KEY = "cxr-reason"
@@ -56,13 +57,15 @@ def job_status_name(status: int) -> str:
 
 
 class IngestionClient:
-    """A channel to one ingestion service. ``timeout_s`` is the default deadline of each call."""
+    """A channel to one ingestion service. ``timeout_s`` is the default deadline of each call; ``tls`` the
+    certificates of a TLS / mutual-TLS server (``cxr.tls.ClientTLS.from_values()`` reads ``CXR_TLS_*``), None for
+    plaintext. A server that refuses the client's certificate (or its absence) fails calls with UNAVAILABLE."""
 
-    def __init__(self, address: str, *, timeout_s: float = 300.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 300.0, tls: ClientTLS | None = None) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = make_channel(address, tls, options)
         self._stub = pb_grpc.IngestionServiceStub(self._channel)
 
     def close(self) -> None:
@@ -83,15 +86,20 @@ class IngestionClient:
         skip_explanation: bool = False,
         client_name: str = "cxr-client",
         timeout_s: float | None = None,
+        explanation_method: str = "",
     ) -> pb.AnalyzeResponse:
         """Stream one DICOM file (a path or its bytes) in ``chunk_size`` pieces, metadata first.
 
         Returns the AnalyzeResponse. Raises ClientError: for the server's rejections (e.g. INVALID_ARGUMENT /
         NOT_DICOM), for an unreachable server (UNAVAILABLE), and for a file that cannot be read
-        (INVALID_ARGUMENT / FILE_NOT_READABLE), and ValueError for a chunk size outside 1..1 MiB."""
+        (INVALID_ARGUMENT / FILE_NOT_READABLE), and ValueError for a chunk size outside 1..1 MiB.
+        ``explanation_method``: "" (Grad-CAM) or a captum method for comparison (see the proto)."""
         if not 0 < chunk_size <= CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{CHUNK_SIZE}, got {chunk_size}")
-        meta = pb.AnalyzeMetadata(client_name=client_name, skip_cache=skip_cache, skip_explanation=skip_explanation)
+        meta = pb.AnalyzeMetadata(
+            client_name=client_name, skip_cache=skip_cache, skip_explanation=skip_explanation,
+            explanation_method=explanation_method,
+        )  # fmt: skip
         if isinstance(source, bytes):
             meta.expected_size = len(source)
             return self._analyze(_byte_requests(meta, source, chunk_size), timeout_s)
@@ -107,11 +115,13 @@ class IngestionClient:
 
     def get_explanation(
         self, job_id: str, *, render: bool = False, labels: tuple[str, ...] = (), positive_only: bool = False,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, dicom: bool = False,
     ) -> pb.Explanation:  # fmt: skip
-        """The explanation of ``job_id`` as it is now (with overlay PNGs when ``render``). Raises ClientError
-        (NOT_FOUND / JOB_NOT_FOUND for an unknown or expired job)."""
-        request = pb.GetExplanationRequest(job_id=job_id, render=render, labels=labels, positive_only=positive_only)
+        """The explanation of ``job_id`` as it is now (with overlay PNGs when ``render``, the DICOM results when
+        ``dicom``). Raises ClientError (NOT_FOUND / JOB_NOT_FOUND for an unknown or expired job)."""
+        request = pb.GetExplanationRequest(
+            job_id=job_id, render=render, labels=labels, positive_only=positive_only, dicom=dicom
+        )
         try:
             return self._stub.GetExplanation(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as e:

@@ -5,9 +5,14 @@ With --json, stdout carries exactly one JSON object per file and nothing else:
     {"file", "ok", "error": {"code", "reason", "message"} | null, "model": {"name", "version", "members", ...},
      "identity": {...UIDs...}, "job_id", "cached", "warnings", "notice",
      "findings": [{"label", "probability", "models": {name: p}, "votes", "n_models", "threshold", "positive"}],
-     "explanation": {"status", "heatmaps": [PNG paths], "failure_reason", "agreement"} (with --wait; else null)}
+     "explanation": {"status", "heatmaps": [PNG paths], "failure_reason", "agreement",
+                     "dicom": [{"path", "kind", "sop_instance_uid", "description"}] (with --dicom)} (with --wait)}
+With --wait, DIR/<file>/ holds per label <label>.png (overlay), <label>.disagreement.png and <label>.panel.png
+(the paper's panel: both side by side), summary.png (all positive findings), and with --dicom the DICOM results
+SR-findings.dcm and SC-<label>.dcm / SC-summary.dcm (Secondary Captures), in the analysed image's study.
 Exit status: 0 when every file was analysed (and, with --wait, every explanation finished: done or skipped),
-1 otherwise, 2 when the service address cannot be worked out (a bad CXR_* port setting). A failure for one
+1 otherwise, 2 when the service address cannot be worked out (a bad CXR_* port setting) or the TLS options
+cannot be used (--cert without --key, an unreadable file). A failure for one
 file never stops the others.
 """
 
@@ -37,6 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="ingestion HOST:PORT (default: CXR_INGESTION_ADDR, else the local stack)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per call and per explanation wait")
     p.add_argument("--no-cache", action="store_true", help="analyse again even if this image was analysed before")
+    p.add_argument("--dicom", action="store_true", help="with --wait: also write the DICOM results (SR + SC) to --out")
+    p.add_argument(
+        "--method", default="", help="explanation method: gradcam (default) or, for comparison, "
+        "integrated_gradients, occlusion, guided_gradcam (slower; positive labels only)",
+    )  # fmt: skip
+    p.add_argument("--ca", help="PEM CA of the server's certificate: use TLS [CXR_TLS_CA]")
+    p.add_argument("--cert", help="PEM client certificate, for mutual TLS [CXR_TLS_CLIENT_CERT]")
+    p.add_argument("--key", help="PEM key of --cert [CXR_TLS_CLIENT_KEY]")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs (no --ca)")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -44,15 +58,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse every file; print a table (or JSON line) per file. Returns 0 if all succeeded, else 1."""
     from cxr.client import IngestionClient
     from cxr.stack.errors import StackError
+    from cxr.tls import ClientTLS, TlsConfigError
 
     try:
         address = args.address or default_address()
-    except StackError as e:  # e.g. CXR_INGESTION_PORT=abc
+        tls = ClientTLS.from_values(ca=args.ca, cert=args.cert, key=args.key) or (ClientTLS() if args.tls else None)
+        client = IngestionClient(address, timeout_s=args.timeout, tls=tls)
+    except (StackError, TlsConfigError) as e:  # e.g. CXR_INGESTION_PORT=abc, --cert without --key
         sys.stderr.write(f"cxr analyze: {e}\n")
         return 2
     used_dirs: set[str] = set()
     all_ok = True
-    with IngestionClient(address, timeout_s=args.timeout) as client:
+    with client:
         for name in args.files:
             result = analyze_file(client, Path(name), args, used_dirs)
             all_ok &= result["ok"] and (not args.wait or result["explanation"]["status"] in FINISHED)
@@ -80,7 +97,9 @@ def analyze_file(client: Any, path: Path, args: argparse.Namespace, used_dirs: s
 
     result = empty_result(path)
     try:
-        response = client.analyze(path, skip_cache=args.no_cache, client_name="cxr-cli")
+        response = client.analyze(
+            path, skip_cache=args.no_cache, client_name="cxr-cli", explanation_method=getattr(args, "method", "")
+        )
     except ClientError as e:
         result["error"] = {"code": e.code, "reason": e.reason, "message": e.message}
         return result
@@ -133,16 +152,19 @@ def wait_and_render(client: Any, job_id: str, args: argparse.Namespace, out_dir:
     Returns {"status", "heatmaps": [paths], "failure_reason", "agreement": {label: {...}}}."""
     from cxr.client import ClientError, job_status_name
 
-    info: dict[str, Any] = {"status": "unknown", "heatmaps": [], "failure_reason": "", "agreement": {}}
+    info: dict[str, Any] = {"status": "unknown", "heatmaps": [], "failure_reason": "", "agreement": {}, "dicom": []}
     try:
         final = client.wait_explanation(job_id, args.timeout)
         info["status"], info["failure_reason"] = job_status_name(final.status), final.failure_reason
         if info["status"] not in ("done", "failed", "skipped"):
             info["status"], info["failure_reason"] = "timeout", f"not finished after {args.timeout:g} s"
         if info["status"] == "done":
-            explanation = client.get_explanation(job_id, render=True)
+            dicom = bool(getattr(args, "dicom", False))
+            explanation = client.get_explanation(job_id, render=True, dicom=dicom)
             info["heatmaps"] = write_heatmaps(explanation, out_dir)
             info["agreement"] = agreement_fields(explanation)
+            if dicom:
+                info["dicom"] = write_dicom_objects(explanation, out_dir)
     except ClientError as e:
         info["status"], info["failure_reason"] = "error", f"{e.code} {e.reason}: {e.message}"
     return info
@@ -160,16 +182,35 @@ def agreement_fields(explanation: Any) -> dict[str, dict[str, float]]:
 
 
 def write_heatmaps(explanation: Any, out_dir: Path) -> list[str]:
-    """Write ``<label>.png`` (fused heatmap overlay) and ``<label>.disagreement.png`` per label; return the paths."""
+    """Write ``<label>.png`` (fused heatmap overlay), ``<label>.disagreement.png`` and ``<label>.panel.png`` (both
+    side by side) per label and ``summary.png`` (every positive finding); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for e in explanation.labels:
-        for suffix, data in ((".png", e.overlay_png), (".disagreement.png", e.disagreement_png)):
+        for suffix, data in ((".png", e.overlay_png), (".disagreement.png", e.disagreement_png),
+                             (".panel.png", e.panel_png)):  # fmt: skip
             if data:
                 path = out_dir / f"{safe_name(e.label)}{suffix}"
                 path.write_bytes(data)
                 paths.append(str(path))
+    if explanation.summary_png:
+        path = out_dir / "summary.png"
+        path.write_bytes(explanation.summary_png)
+        paths.append(str(path))
     return paths
+
+
+def write_dicom_objects(explanation: Any, out_dir: Path) -> list[dict[str, str]]:
+    """Write each DICOM result as ``<kind>-<description>.dcm`` under ``out_dir``; return their listing
+    [{"path", "kind", "sop_instance_uid", "description"}], SR first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = []
+    for obj in explanation.dicom_objects:
+        path = out_dir / f"{obj.kind}-{safe_name(obj.description)}.dcm"
+        path.write_bytes(obj.data)
+        listing.append({"path": str(path), "kind": obj.kind, "sop_instance_uid": obj.sop_instance_uid,
+                        "description": obj.description})  # fmt: skip
+    return listing
 
 
 def safe_name(label: str) -> str:
@@ -215,6 +256,8 @@ def print_result(result: dict[str, Any], console: Any = None) -> None:
         console.print(f"explanation: {ex['status']}{detail}; {len(ex['heatmaps'])} PNG(s)")
         for path in ex["heatmaps"]:
             console.print(f"  {path}", highlight=False)
+        for obj in ex.get("dicom", []):
+            console.print(f"  {obj['path']} (DICOM {obj['kind']})", highlight=False)
     console.print(f"[bold red]{NOT_FOR_CLINICAL_USE}[/bold red]\n")
 
 

@@ -11,7 +11,7 @@ import sys
 from cxr import NOT_FOR_CLINICAL_USE, __version__
 
 # modules under cxr.cli that contribute subcommands
-COMMAND_MODULES = ("stack_cmds", "analyze_cmd", "padchest_cmd", "train_cmds")
+COMMAND_MODULES = ("stack_cmds", "analyze_cmd", "padchest_cmd", "train_cmds", "purge_cmd", "explain_eval_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,10 +106,24 @@ def _print_model(console: Any, model: dict[str, Any]) -> None:
         f"members: {members}\n"
         f"{model.get('description') or '(no description in the manifest)'}\n"
         f"trained on: {model.get('trained_on') or 'not stated'}\n"
+        f"{_held_out_line(model.get('held_out'))}"
         f"intended use: {model.get('intended_use', '')}\n"
         f"[bold red]{NOT_FOR_CLINICAL_USE}[/bold red]"
     )
     console.print(Panel(text, title="served model", expand=False))
+
+
+def _held_out_line(h: dict[str, Any] | None) -> str:
+    """One line of held-out evidence for the banner ('' when the bundle has no evaluation report)."""
+    if not h:
+        return ""
+    lo, hi = h["ctp_ci95"]
+    line = (f"held-out ({h['n_images']} {h['part']} images): ensemble mean AUROC {h['ctp_auroc_mean']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}], best single model ({h['best_model']}) "
+            f"{h['best_model_auroc_mean']:.3f}")  # fmt: skip
+    if h.get("baseline_auroc_mean") is not None:
+        line += f", frozen-feature baseline {h['baseline_auroc_mean']:.3f}"
+    return line + "\n"
 
 
 def _print_services(console: Any, services: dict[str, dict[str, Any]]) -> None:
@@ -121,6 +135,9 @@ def _print_services(console: Any, services: dict[str, dict[str, Any]]) -> None:
         table.add_column(column)
     for name, s in services.items():
         state = f"[{colours.get(s['state'], 'white')}]{s['state']}[/]"
+        down = [dep for dep, seen in s.get("dependencies", {}).items() if seen != "up"]
+        if down:  # what the service itself sees: e.g. "unhealthy (redis down)"
+            state += " (" + ", ".join(f"{dep} {s['dependencies'][dep]}" for dep in down) + ")"
         table.add_row(name, state, str(s["pid"] or "-"), s["address"], s["metrics_url"] or "-")
     console.print(table)
     for name, s in services.items():

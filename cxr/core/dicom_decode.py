@@ -57,7 +57,7 @@ def decode_radiograph(
     The reduced image is close to, not bit-equal to, the full decode resized (the stored values are averaged
     before the VOI window clips them, as a JPEG 2000 decoder does). None: full resolution.
     Raises the errors of ``read_identity`` plus UnsupportedModalityError, UnsupportedPhotometricError,
-    TooLargeError (pixel cap, or a deflated dataset inflating past 1 GiB), LateralViewError (policy "reject"),
+    TooLargeError (pixel cap, or a deflated dataset inflating past 256 MiB), LateralViewError (policy "reject"),
     NoPixelDataError, UnsupportedTransferSyntaxError, InvalidInputError (reasons BAD_DIMENSIONS, BAD_BIT_DEPTH,
     BAD_FRAME_COUNT, PIXEL_DATA_SIZE_MISMATCH, CORRUPT_PIXEL_DATA, BAD_LUT); ValueError for a ``min_side`` < 1
     (a caller bug, not a bad file).

@@ -55,7 +55,9 @@ PIXEL_DATA_TAG = 0x7FE00010
 _PREAMBLE = 128
 _SEQUENCE_DELIMITERS = (b"\xfe\xff\xdd\xe0\0\0\0\0", b"\xff\xfe\xe0\xdd\0\0\0\0")  # (FFFE,E0DD), LE / BE
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-MAX_INFLATED_BYTES = 1 << 30  # a deflated dataset (rare for images) may not inflate past 1 GiB: zip-bomb guard
+# A deflated dataset (rare for images) may not inflate past 256 MiB: zip-bomb guard. More than the largest image the
+# pixel cap admits (100 M pixels x 2 bytes); the inflated body is held in memory, so the cap bounds each request.
+MAX_INFLATED_BYTES = 256 << 20
 
 
 @contextmanager

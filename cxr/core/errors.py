@@ -16,6 +16,7 @@ class Category(StrEnum):
     OVERLOADED = "overloaded"  # back off and retry -> RESOURCE_EXHAUSTED
     UNAVAILABLE = "unavailable"  # a dependency is down; retry later -> UNAVAILABLE
     NOT_FOUND = "not_found"  # unknown job / expired result -> NOT_FOUND
+    TIMEOUT = "timeout"  # the caller went silent too long (e.g. an idle upload stream); resend -> DEADLINE_EXCEEDED
     INTERNAL = "internal"
 
 

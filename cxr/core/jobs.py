@@ -7,7 +7,9 @@ disagree on a name. Pure Python: no Redis client, no numpy, no torch.
 Job lifecycle: ingestion writes ``cxr:job:{id}`` (status ``queued``, or ``skipped`` when no explanation was asked
 for), ``:input`` and ``:findings``, and ``:dicom`` (the uploaded file) for a queued job; the worker moves the hash
 through ``running`` to ``done`` or ``failed`` and, when done, has written ``:display`` and ``:heatmaps`` and deleted
-``:dicom`` (in one transaction). No key ever holds a patient identifier: the SOP Instance UID appears hashed only.
+``:dicom`` (in one transaction). ``cxr:study:{hash}`` indexes the job ids of a study's images, so that a study's
+data can be purged on request (``cxr purge``). No key ever holds a patient identifier: the SOP Instance and Study
+Instance UIDs appear hashed only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from enum import StrEnum
 
 from cxr.core.errors import InvalidInputError
 
-JOB_BLOBS = ("input", "dicom", "display", "findings", "heatmaps")
+JOB_BLOBS = ("input", "dicom", "display", "findings", "heatmaps", "source")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -45,6 +47,11 @@ def sop_digest(sop_instance_uid: str) -> str:
 def result_key(model_version: str, sop_instance_uid: str) -> str:
     """Key of the cached AnalyzeResponse of one SOP instance analysed by one ensemble version."""
     return f"cxr:result:{model_version}:{sop_digest(sop_instance_uid)}"
+
+
+def study_key(study_instance_uid: str) -> str:
+    """Key of a study's index: the set of job ids analysed from its images (``cxr purge`` deletes through it)."""
+    return f"cxr:study:{sop_digest(study_instance_uid)}"
 
 
 def job_key(job_id: str) -> str:
@@ -74,6 +81,12 @@ def display_key(job_id: str) -> str:
     return blob_key(job_id, "display")
 
 
+def source_key(job_id: str) -> str:
+    """The uploaded DICOM file's header without its pixel data (written by the worker with ``:display``): what
+    the DICOM results (SR, Secondary Captures) reference and copy their patient and study from."""
+    return blob_key(job_id, "source")
+
+
 def findings_key(job_id: str) -> str:
     """TorchServe's JSON answer."""
     return blob_key(job_id, "findings")
@@ -101,11 +114,15 @@ def now_timestamp() -> str:
     return f"{time.time():.3f}"
 
 
-def new_job_fields(status: JobStatus, message: str, *, model_name: str, model_version: str) -> dict[str, str]:
+def new_job_fields(
+    status: JobStatus, message: str, *, model_name: str, model_version: str, explanation_method: str = ""
+) -> dict[str, str]:
     """Every field of a new job hash: ``status`` (queued or skipped), progress 0, no failure, 0 attempts,
-    ``created`` = ``updated`` = now, and the ensemble that made the findings (the worker checks it)."""
+    ``created`` = ``updated`` = now, the ensemble that made the findings (the worker checks it) and the requested
+    ``explanation_method`` ("" = the default, Grad-CAM; ``cxr.explain.methods``)."""
     now = now_timestamp()
     return {
+        "explanation_method": explanation_method,
         "status": status.value,
         "progress": "0",
         "message": message,

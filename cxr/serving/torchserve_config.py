@@ -15,6 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_FILE = "config.properties"
+METRICS_CONFIG_FILE = "metrics.yaml"
+# TorchServe's metrics: only those that pass `promtool check metrics` (deploy/torchserve-metrics.yaml explains;
+# the two are kept identical by tests/unit/test_monitoring_static.py).
+METRICS_YAML = """dimensions:
+  - &hostname "Hostname"
+ts_metrics:
+  counter:
+    - name: ts_inference_requests_total
+      unit: Count
+      dimensions: ["model_name", "model_version", "hostname"]
+model_metrics:  # the worker refuses an empty section; nothing emits this name
+  gauge:
+    - name: cxr_torchserve_unused
+      unit: ms
+      dimensions: ["ModelName", "Level"]
+"""
 KEY_FILE = "key_file.json"  # written by TorchServe into its working directory (= home) when token auth is on
 
 
@@ -76,6 +92,10 @@ class TorchServeSettings:
     def key_file(self) -> Path:
         return self.home / KEY_FILE
 
+    @property
+    def metrics_config_path(self) -> Path:
+        return self.home / METRICS_CONFIG_FILE
+
 
 def _models_value(models: dict[str, str]) -> str:
     """{"cxr": "cxr.mar"} -> "cxr=cxr.mar". Raises ValueError for names/files TorchServe cannot take."""
@@ -114,6 +134,7 @@ def render_config(settings: TorchServeSettings, models: dict[str, str]) -> str:
         f"allowed_urls={_properties_escape('file://' + re.escape(str(s.model_store)) + '/.*')}",
         "enable_metrics_api=true",
         "metrics_mode=prometheus",
+        f"metrics_config={s.metrics_config_path}",
         "disable_system_metrics=false",
         f"model_store={s.model_store}",
         f"load_models={_models_value(models)}",

@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from cxr.core.errors import Category, CxrError
-from cxr.serving.torchserve_config import TorchServeSettings, render_config
+from cxr.serving.torchserve_config import METRICS_YAML, TorchServeSettings, render_config
 
 __all__ = ["PortInUseError", "TorchServe", "TorchServeError", "TorchServeSettings", "ensure_ports_free"]
 
@@ -154,6 +154,7 @@ class TorchServe:
         ensure_ports_free(s.bind_host, s.ports)
         self._prepare_home()
         s.config_path.write_text(config)
+        s.metrics_config_path.write_text(METRICS_YAML)
         s.key_file.unlink(missing_ok=True)  # never hand out a previous instance's token
         self._launch()
         logger.info("TorchServe starting: home %s, gRPC inference %s", s.home, self.grpc_inference_address)

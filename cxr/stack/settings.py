@@ -6,7 +6,7 @@ Environment (all optional; defaults are docs/ARCHITECTURE.md's local ports, all 
 variable                       default                        what
 ============================== ============================== ==========================================
 CXR_HOME                       ./.cxr                         runtime folder: logs, state, TorchServe home
-CXR_MODEL_DIR                  model_store/cxr-demo-nih14     the ensemble to serve (manifest + weights)
+CXR_MODEL_DIR                  model_store/cxr-nih14-imagenet     the ensemble to serve (manifest + weights)
 CXR_REDIS_PORT                 6390                           redis-server
 CXR_TS_INFERENCE_PORT          8480                           TorchServe REST inference
 CXR_TS_MANAGEMENT_PORT         8481                           TorchServe REST management
@@ -16,8 +16,12 @@ CXR_TS_GRPC_MANAGEMENT_PORT    7471                           TorchServe gRPC ma
 CXR_INGESTION_PORT             50151                          ingestion gRPC API
 CXR_INGESTION_METRICS_PORT     9151                           ingestion Prometheus metrics
 CXR_WORKER_METRICS_PORT        9152                           explanation worker Prometheus metrics
+CXR_DICOM_PORT                 11112                          DICOM Storage SCP (the DICOM front door)
+CXR_DICOM_METRICS_PORT         9153                           DICOM front door Prometheus metrics
+CXR_DICOM_AE_TITLE             CXR                            the SCP's AE title (any called AE title is accepted)
 CXR_STACK_START_TIMEOUT_S      180                            bound on each service's wait for readiness
 CXR_STACK_STOP_GRACE_S         20                             SIGTERM -> SIGKILL grace per service
+CXR_REDIS_MAXMEMORY            1gb                            redis-server memory limit (noeviction, AOF on)
 ============================== ============================== ==========================================
 """
 
@@ -30,11 +34,13 @@ from pathlib import Path
 
 import cxr
 from cxr.stack.errors import BadSettingError
+from cxr.stack.redis_config import DEFAULT_MAXMEMORY, is_memory_size
 
 HOST = "127.0.0.1"
-SERVICES = ("redis", "torchserve", "ingestion", "worker")  # dependency order; stopped in reverse
+SERVICES = ("redis", "torchserve", "ingestion", "worker", "dicom")  # dependency order; stopped in reverse
+DEFAULT_DICOM_AE_TITLE = "CXR"
 TORCHSERVE_MODEL = "cxr"
-DEMO_MODEL = Path("model_store") / "cxr-demo-nih14"
+DEMO_MODEL = Path("model_store") / "cxr-nih14-imagenet"
 
 _PORT_ENV = {
     "redis_port": ("CXR_REDIS_PORT", 6390),
@@ -46,6 +52,8 @@ _PORT_ENV = {
     "ingestion_port": ("CXR_INGESTION_PORT", 50151),
     "ingestion_metrics_port": ("CXR_INGESTION_METRICS_PORT", 9151),
     "worker_metrics_port": ("CXR_WORKER_METRICS_PORT", 9152),
+    "dicom_port": ("CXR_DICOM_PORT", 11112),
+    "dicom_metrics_port": ("CXR_DICOM_METRICS_PORT", 9153),
 }
 
 
@@ -64,8 +72,12 @@ class StackSettings:
     ingestion_port: int = 50151
     ingestion_metrics_port: int = 9151
     worker_metrics_port: int = 9152
+    dicom_port: int = 11112
+    dicom_metrics_port: int = 9153
+    dicom_ae_title: str = DEFAULT_DICOM_AE_TITLE
     start_timeout_s: float = 180.0
     stop_grace_s: float = 20.0
+    redis_maxmemory: str = DEFAULT_MAXMEMORY  # cxr.stack.redis_config
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> StackSettings:
@@ -81,6 +93,8 @@ class StackSettings:
             model_dir=_path(env.get("CXR_MODEL_DIR"), cwd, default_model_dir(cwd)),
             start_timeout_s=_seconds(env, "CXR_STACK_START_TIMEOUT_S", 180.0),
             stop_grace_s=_seconds(env, "CXR_STACK_STOP_GRACE_S", 20.0),
+            redis_maxmemory=_memory(env, "CXR_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
+            dicom_ae_title=_ae_title(env, "CXR_DICOM_AE_TITLE", DEFAULT_DICOM_AE_TITLE),
             **ports,
         )
         settings.check_distinct_ports()
@@ -103,7 +117,8 @@ class StackSettings:
 
     def service_ports(self, service: str) -> dict[str, int]:
         """The ports one service binds, by their environment variable."""
-        prefix = {"redis": "CXR_REDIS", "torchserve": "CXR_TS_", "ingestion": "CXR_INGESTION", "worker": "CXR_WORKER"}
+        prefix = {"redis": "CXR_REDIS", "torchserve": "CXR_TS_", "ingestion": "CXR_INGESTION", "worker": "CXR_WORKER",
+                  "dicom": "CXR_DICOM"}  # fmt: skip
         return {var: port for var, port in self.ports().items() if var.startswith(prefix[service])}
 
     # -- derived addresses and paths --------------------------------------------------------------
@@ -114,6 +129,15 @@ class StackSettings:
     @property
     def ingestion_address(self) -> str:
         return f"{HOST}:{self.ingestion_port}"
+
+    @property
+    def dicom_address(self) -> str:
+        """host:port of the DICOM Storage SCP, as ``storescu HOST PORT`` takes it."""
+        return f"{HOST}:{self.dicom_port}"
+
+    @property
+    def dicom_spool_dir(self) -> Path:
+        return self.home / "dicom-spool"
 
     @property
     def torchserve_grpc_address(self) -> str:
@@ -160,6 +184,7 @@ class StackSettings:
             "torchserve": f"http://{HOST}:{self.ts_metrics_port}/metrics",
             "ingestion": f"http://{HOST}:{self.ingestion_metrics_port}/metrics",
             "worker": f"http://{HOST}:{self.worker_metrics_port}/metrics",
+            "dicom": f"http://{HOST}:{self.dicom_metrics_port}/metrics",
         }
 
     def addresses(self) -> dict[str, str]:
@@ -169,6 +194,7 @@ class StackSettings:
             "torchserve": f"{HOST}:{self.ts_grpc_port} (gRPC; management :{self.ts_management_port})",
             "ingestion": self.ingestion_address,
             "worker": "celery queue 'explain'",
+            "dicom": self.dicom_address,
         }
 
     def as_dict(self) -> dict[str, object]:
@@ -182,7 +208,7 @@ def port_variables() -> list[str]:
 
 
 def default_model_dir(cwd: Path) -> Path:
-    """``model_store/cxr-demo-nih14`` in ``cwd`` if there, else in the source checkout the package runs from."""
+    """``model_store/cxr-nih14-imagenet`` in ``cwd`` if there, else in the source checkout the package runs from."""
     here = cwd / DEMO_MODEL
     if here.is_dir():
         return here
@@ -207,6 +233,24 @@ def _port(env: Mapping[str, str], var: str, default: int) -> int:
     if not 1 <= port <= 65535:
         raise BadSettingError(f"{var}={port} is outside 1..65535")
     return port
+
+
+def _memory(env: Mapping[str, str], var: str, default: str) -> str:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    if not is_memory_size(raw):
+        raise BadSettingError(f"{var}={raw!r} is not a memory size such as 512mb or 2gb")
+    return raw
+
+
+def _ae_title(env: Mapping[str, str], var: str, default: str) -> str:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    if len(raw) > 16 or "\\" in raw or not raw.isprintable():
+        raise BadSettingError(f"{var}={raw!r} is not an AE title (1-16 printable characters, no backslash)")
+    return raw
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:

@@ -1,5 +1,5 @@
 """``cxr up`` / ``cxr down``: start the local stack in dependency order (redis-server, TorchServe, ingestion,
-worker), each with a bounded wait for readiness, and stop it in reverse order.
+worker, the DICOM front door), each with a bounded wait for readiness, and stop it in reverse order.
 
 ``up`` is idempotent: services recorded in the state file that are still ready are kept; the rest are started.
 On any failure it stops what this call started and raises ServiceStartError carrying that service's log tail.
@@ -7,6 +7,7 @@ On any failure it stops what this call started and raises ServiceStartError carr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,11 +22,14 @@ from typing import Any
 from cxr.core.errors import CxrError, ManifestError
 from cxr.core.manifest import read_manifest
 from cxr.stack import health
-from cxr.stack.errors import ModelDirError, PortInUseError, ServiceStartError, StackError
+from cxr.stack.dicom_probe import dicom_echo
+from cxr.stack.errors import BadSettingError, ModelDirError, PortInUseError, ServiceStartError, StackError
 from cxr.stack.processes import ProcessRef, group_pids, log_tail, port_holder, port_is_free, spawn, stop_process
+from cxr.stack.redis_config import redis_server_argv
 from cxr.stack.settings import HOST, SERVICES, TORCHSERVE_MODEL, StackSettings
 from cxr.stack.state import ServiceRecord, StackState, read_state, remove_state, write_state
 from cxr.stack.torchserve_ctl import ARCHIVE, ensure_archive, torchserve
+from cxr.tls import ClientTLS, TlsConfigError, stack_probe_tls
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -55,8 +59,29 @@ def model_summary(model_dir: Path) -> dict[str, Any]:
         "name": m.name, "version": m.version, "description": m.description, "trained_on": m.trained_on,
         "members": [{"name": e.name, "arch": e.arch} for e in m.models], "labels": list(m.labels),
         "ensemble_rule": m.ensemble_rule, "input_size": m.preprocess.size, "intended_use": m.intended_use,
-        "dir": str(model_dir), "notice": "NOT FOR CLINICAL USE",
+        "dir": str(model_dir), "notice": "NOT FOR CLINICAL USE", "held_out": held_out_summary(model_dir),
     }  # fmt: skip
+
+
+def held_out_summary(model_dir: Path) -> dict[str, Any] | None:
+    """The bundle's own held-out evidence, when its evaluation report (report.json, written by `cxr evaluate
+    --out`) and frozen-feature baseline (baseline.json) are there: CTP mean AUROC with its 95% CI, the best single
+    model's, the baseline's, and on how many images. None without a readable report."""
+    try:
+        report = json.loads((model_dir / "report.json").read_text())
+        ctp = report["ensembles"]["ctp"]
+        best_name, best = max(report["models"].items(), key=lambda kv: kv[1]["auroc_mean"] or 0.0)
+        out: dict[str, Any] = {"n_images": report["n_images"], "part": report["data"]["part"],
+                               "ctp_auroc_mean": ctp["auroc_mean"], "ctp_ci95": ctp["ci95"]["auroc_mean"],
+                               "best_model": best_name, "best_model_auroc_mean": best["auroc_mean"]}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        baseline = json.loads((model_dir / "baseline.json").read_text())
+        out["baseline_auroc_mean"] = baseline["auroc_mean"]["mean_of_probes"]["auroc_mean"]
+    except (OSError, ValueError, KeyError, TypeError):
+        out["baseline_auroc_mean"] = None
+    return out
 
 
 # -- up ----------------------------------------------------------------------------------------------
@@ -180,10 +205,9 @@ def _start_redis(ctx: _Start) -> ServiceRecord:
     if binary is None:
         raise StackError("redis-server is not installed (Debian/Ubuntu: apt-get install -y redis-server)")
     settings.redis_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        binary, "--port", str(settings.redis_port), "--bind", HOST, "--save", "", "--appendonly", "no",
-        "--dir", str(settings.redis_dir), "--daemonize", "no", "--protected-mode", "yes",
-    ]  # fmt: skip
+    argv = redis_server_argv(
+        binary, port=settings.redis_port, host=HOST, data_dir=settings.redis_dir, maxmemory=settings.redis_maxmemory
+    )
     return _spawn_and_wait("redis", argv, dict(os.environ), lambda: health.redis_ready(settings.redis_url), ctx)
 
 
@@ -241,8 +265,18 @@ def _start_ingestion(ctx: _Start) -> ServiceRecord:
         "CXR_TORCHSERVE_TOKEN_FILE": str(settings.token_file) if settings.token_file.is_file() else "",
     }
     argv = [sys.executable, "-m", "services.ingestion"]
-    probe = lambda: health.grpc_serving(settings.ingestion_address)  # noqa: E731
+    tls = ingestion_probe_tls()
+    probe = lambda: health.grpc_serving(settings.ingestion_address, tls=tls)  # noqa: E731
     return _spawn_and_wait("ingestion", argv, env, probe, ctx)
+
+
+def ingestion_probe_tls() -> ClientTLS | None:
+    """The certificates the stack's probe needs for an ingestion service with TLS (``cxr.tls.stack_probe_tls``).
+    Raises BadSettingError for unusable client TLS settings."""
+    try:
+        return stack_probe_tls()
+    except TlsConfigError as e:
+        raise BadSettingError(f"client TLS settings: {e}") from None
 
 
 def _start_worker(ctx: _Start) -> ServiceRecord:
@@ -259,8 +293,26 @@ def _start_worker(ctx: _Start) -> ServiceRecord:
     return _spawn_and_wait("worker", argv, env, probe, ctx)
 
 
+def _start_dicom(ctx: _Start) -> ServiceRecord:
+    """The DICOM front door: forwards every instance to the ingestion API; ready once it answers a C-ECHO."""
+    settings = ctx.settings
+    settings.dicom_spool_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **_service_env(settings),
+        "CXR_DICOM_ADDR": settings.dicom_address,
+        "CXR_DICOM_METRICS_PORT": str(settings.dicom_metrics_port),
+        "CXR_DICOM_AE_TITLE": settings.dicom_ae_title,
+        "CXR_DICOM_INGESTION_ADDR": settings.ingestion_address,
+        "CXR_DICOM_SPOOL_DIR": str(settings.dicom_spool_dir),
+    }
+    argv = [sys.executable, "-m", "services.dicom"]
+    probe = lambda: dicom_echo(settings.dicom_address, settings.dicom_ae_title)  # noqa: E731
+    return _spawn_and_wait("dicom", argv, env, probe, ctx)
+
+
 _STARTERS: dict[str, Callable[[_Start], ServiceRecord]] = {
     "redis": _start_redis, "torchserve": _start_torchserve, "ingestion": _start_ingestion, "worker": _start_worker,
+    "dicom": _start_dicom,
 }  # fmt: skip
 
 
@@ -276,7 +328,9 @@ def service_ready(service: str, settings: StackSettings) -> bool:
     if service == "torchserve":
         return health.torchserve_model_ready(settings.ts_management_port, TORCHSERVE_MODEL, settings.token_file)
     if service == "ingestion":
-        return health.grpc_serving(settings.ingestion_address)
+        return health.grpc_serving(settings.ingestion_address, tls=ingestion_probe_tls())
+    if service == "dicom":
+        return dicom_echo(settings.dicom_address, settings.dicom_ae_title)
     return health.file_exists(settings.worker_ready_file)
 
 

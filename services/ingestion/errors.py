@@ -29,6 +29,7 @@ STATUS_BY_CATEGORY: dict[Category, grpc.StatusCode] = {
     Category.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Category.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Category.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Category.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     Category.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr.core.errors import CxrError, InvalidInputError, NotFoundError
+from cxr.core.errors import CxrError, InvalidInputError, NotFoundError, UnsupportedError
 from cxr.core.jobs import JobStatus, is_job_id
 from cxr.explain.heatmap_store import HeatmapSet, unpack_heatmaps
-from cxr.explain.render import overlay_title, render_disagreement, render_overlay
+from cxr.explain.panels import side_by_side
+from cxr.explain.render import disagreement_image, encode_png, overlay_image, overlay_title
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from services.ingestion.pipeline import NOTICE
+from services.ingestion.result_objects import NO_SOURCE, dicom_objects, summary_png
 from services.ingestion.result_store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -113,8 +115,16 @@ class ExplanationView:
         if status == pb.JOB_STATUS_DONE:
             heatmaps = self._heatmaps(request.job_id)
             explanation.method = heatmaps.method
-            display = read_png(self._blob(request.job_id, "display")) if request.render else None
-            explanation.labels.extend(self._label(f, heatmaps, display) for f in chosen)
+            source = self._store.job_blob(request.job_id, "source") if request.dicom else None
+            if request.dicom and source is None:  # refuse before any rendering work
+                raise UnsupportedError("this job has no stored DICOM header to build results on", reason=NO_SOURCE)
+            wants_display = request.render or request.dicom
+            display = read_png(self._blob(request.job_id, "display")) if wants_display else None
+            explanation.labels.extend(self._label(f, heatmaps, display if request.render else None) for f in chosen)
+            if request.render and display is not None:
+                explanation.summary_png = summary_png(document, heatmaps, display)
+            if request.dicom and display is not None:
+                explanation.dicom_objects.extend(dicom_objects(source, document, heatmaps, display))
         else:
             explanation.labels.extend(self._label(f, None, None) for f in chosen)
         return explanation
@@ -149,15 +159,19 @@ class ExplanationView:
         if heatmaps is None or finding["label"] not in heatmaps.labels:
             return item
         j = heatmaps.label_index(finding["label"])
+        item.explained = heatmaps.is_explained(finding["label"])
         item.spatial_agreement = float(heatmaps.spatial_agreement[j])
         item.mean_disagreement = float(heatmaps.mean_disagreement[j])
-        if display is not None:
+        if display is not None and item.explained:
             title = overlay_title(item.label, item.probability, item.votes, item.n_models)
             subtitle = f"fused Grad-CAM, spatial agreement {item.spatial_agreement:.2f} - {NOTICE}"
-            item.overlay_png = render_overlay(display, heatmaps.fused[j], title=title, subtitle=subtitle)
-            item.disagreement_png = render_disagreement(
+            overlay = overlay_image(display, heatmaps.fused[j], title=title, subtitle=subtitle)
+            disagreement = disagreement_image(
                 display, heatmaps.std[j], title=f"{item.label}: disagreement between models (per-pixel std)"
             )
+            item.overlay_png, item.disagreement_png = encode_png(overlay), encode_png(disagreement)
+            if item.positive:  # the paper's panel, for positive findings only
+                item.panel_png = encode_png(side_by_side(overlay, disagreement))
         return item
 
     def _state(self, job_id: str) -> dict[str, str]:

@@ -118,6 +118,7 @@ class TorchServeClient:
         self._token_lock = threading.Lock()
         self._backoff_s = backoff_s
         self._on_retry = on_retry or (lambda: None)
+        self.last_success = float("-inf")  # time.monotonic() of the last good answer (health checks read it)
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
 
@@ -142,7 +143,9 @@ class TorchServeClient:
                 raise InferenceUnavailableError(f"TorchServe gave no answer within {self.timeout_s:g} s")
             try:
                 response = self._stub.Predictions(request, timeout=remaining, metadata=self._metadata())
-                return parse_prediction(response.prediction)
+                prediction = parse_prediction(response.prediction)
+                self.last_success = time.monotonic()
+                return prediction
             except grpc.RpcError as e:
                 code = e.code()
                 if code is grpc.StatusCode.PERMISSION_DENIED and self._token_file and not token_reloaded:

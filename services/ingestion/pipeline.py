@@ -32,6 +32,7 @@ from cxr.core.jobs import JobStatus, result_key, sop_digest
 from cxr.core.manifest import Manifest
 from cxr.core.preprocess import prepare_image
 from cxr.core.wire import encode_input
+from cxr.explain.methods import GRADCAM, check_method
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from services.ingestion.inference_client import InferenceFailedError, Prediction, TorchServeClient
 from services.ingestion.metrics import IngestionMetrics
@@ -241,10 +242,11 @@ class AnalyzePipeline:
     ) -> pb.AnalyzeResponse:
         with timer.stage("receive"):
             upload = receive_upload(requests, self._max_upload_bytes)
+        method = check_method(upload.metadata.explanation_method)  # before any work: UNKNOWN_EXPLANATION_METHOD
         with timer.stage("decode"):
             identity = read_identity(upload.data)
         key = result_key(self.manifest.version, identity.sop_instance_uid) if identity.sop_instance_uid else None
-        if key is not None and not upload.metadata.skip_cache:
+        if key is not None and not upload.metadata.skip_cache and method == GRADCAM:  # comparisons get a new job
             with timer.stage("cache"):
                 cached = self._cached(key, want_explanation=not upload.metadata.skip_explanation)
             if cached is not None:
@@ -299,9 +301,12 @@ class AnalyzePipeline:
             model_name=response.model.name,
             model_version=response.model.version,
             status=JobStatus.QUEUED if explain else JobStatus.SKIPPED,
+            study_uid=decoded.identity.study_instance_uid,
+            explanation_method=check_method(upload.metadata.explanation_method),
         )
         with timer.stage("store"):
             self._store_and_enqueue(job)
+        self._metrics.observe_findings(response.findings)  # drift monitoring: only results that were delivered
         client = "".join(c for c in upload.metadata.client_name[:CLIENT_NAME_MAX] if c.isprintable()) or "-"
         digest = sop_digest(identity.sop_instance_uid)[:12]
         logger.info("analysed sop#%s for %s -> job %s (%s)", digest, client, job.job_id, job.status)

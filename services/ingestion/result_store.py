@@ -15,18 +15,37 @@ from dataclasses import dataclass
 import redis
 import redis.exceptions
 
-from cxr.core.errors import DependencyUnavailableError
-from cxr.core.jobs import JobStatus, blob_key, dicom_key, findings_key, input_key, job_key, new_job_fields
+from cxr.core.errors import DependencyUnavailableError, OverloadedError
+from cxr.core.jobs import (
+    JobStatus,
+    blob_key,
+    dicom_key,
+    findings_key,
+    input_key,
+    job_key,
+    new_job_fields,
+    study_key,
+)
 
 logger = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S = 2.0
+HEALTH_KEY = "cxr-health:ingestion"  # written by the health check (no data; expires; outside the cxr:* schema)
+HEALTH_KEY_TTL_S = 60
+FULL_MARGIN = 0.05  # health reports the store full above 95% of Redis's maxmemory
 
 
 class StoreUnavailableError(DependencyUnavailableError):
     """Redis did not answer; nothing of this request is known to be stored."""
 
     reason = "STORE_UNAVAILABLE"
+
+
+class StoreFullError(OverloadedError):
+    """Redis refused a write because its memory limit is reached (``maxmemory`` with ``noeviction``: queued work
+    is never evicted, new work is refused instead). Nothing of this request was stored; retry later."""
+
+    reason = "STORE_FULL"
 
 
 @dataclass(frozen=True)
@@ -42,16 +61,28 @@ class NewJob:
     model_name: str
     model_version: str
     status: JobStatus  # QUEUED, or SKIPPED when no explanation was asked for
+    study_uid: str = ""  # Study Instance UID: the job is indexed under it (hashed) for purging; "" = not indexed
+    explanation_method: str = ""  # "" = the worker's default (Grad-CAM); cxr.explain.methods.ATTRIBUTION_METHODS
 
 
 @contextmanager
 def store_errors() -> Iterator[None]:
-    """Turn Redis connection failures into StoreUnavailableError (other Redis errors are bugs: left as is)."""
+    """Turn Redis failures that are the server's state into our errors: unreachable, loading its data, read-only
+    or failing to persist -> StoreUnavailableError; out of memory -> StoreFullError. Other Redis errors are bugs:
+    left as is."""
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+    except redis.exceptions.OutOfMemoryError as e:
+        logger.warning("Redis refused a write: memory limit reached")
+        raise StoreFullError("the result store (Redis) is full; nothing was stored, retry later") from e
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError) as e:
         logger.warning("Redis unavailable: %s", type(e).__name__)
         raise StoreUnavailableError("the result store (Redis) is unavailable; nothing was stored, retry later") from e
+    except redis.exceptions.ResponseError as e:
+        if not str(e).startswith(("MISCONF", "EXECABORT")):
+            raise
+        logger.warning("Redis refused a write: %s", str(e).split(" ", 1)[0])
+        raise StoreUnavailableError("the result store (Redis) refuses writes now; nothing was stored") from e
 
 
 class ResultStore:
@@ -80,6 +111,16 @@ class ResultStore:
         with store_errors():
             self._redis.ping()
 
+    def check_writable(self) -> None:
+        """Raise StoreUnavailableError unless Redis accepts a (tiny, expiring) write, StoreFullError when its
+        memory is within ``FULL_MARGIN`` of ``maxmemory`` (a tiny write still passes there, an upload would not)."""
+        with store_errors():
+            self._redis.set(HEALTH_KEY, b"1", ex=HEALTH_KEY_TTL_S)
+            memory = self._redis.info("memory")
+        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))  # type: ignore[union-attr]
+        if limit and used >= limit * (1 - FULL_MARGIN):
+            raise StoreFullError(f"the result store (Redis) is full: {used / limit:.0%} of its memory limit in use")
+
     def cached_response(self, key: str) -> bytes | None:
         """The stored AnalyzeResponse bytes under ``key``, or None."""
         with store_errors():
@@ -87,9 +128,13 @@ class ResultStore:
         return None if value is None else bytes(value)  # type: ignore[arg-type]
 
     def save(self, job: NewJob) -> None:
-        """Write result, job hash and blobs (``:dicom`` only when given) atomically, all with the store's TTL."""
+        """Write result, job hash and blobs (``:dicom`` only when given) and add the job to its study's index,
+        atomically, all with the store's TTL (the index lives as long as the study's newest job)."""
         message = "explanation not requested" if job.status == JobStatus.SKIPPED else "waiting for a worker"
-        state = new_job_fields(job.status, message, model_name=job.model_name, model_version=job.model_version)
+        state = new_job_fields(
+            job.status, message, model_name=job.model_name, model_version=job.model_version,
+            explanation_method=job.explanation_method,
+        )  # fmt: skip
         with store_errors():
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(job_key(job.job_id), mapping=state)  # type: ignore[arg-type]
@@ -100,6 +145,9 @@ class ResultStore:
             pipe.set(findings_key(job.job_id), job.findings_json, ex=self.ttl_s)
             if job.result_key is not None:
                 pipe.set(job.result_key, job.response, ex=self.ttl_s)
+            if job.study_uid:  # the job id and its cached result, for purging (cxr.stack.purge)
+                pipe.sadd(study_key(job.study_uid), job.job_id, *([job.result_key] if job.result_key else []))
+                pipe.expire(study_key(job.study_uid), self.ttl_s)
             pipe.execute()
 
     def discard(self, job: NewJob) -> None:
@@ -108,7 +156,11 @@ class ResultStore:
         if job.result_key is not None:
             keys.append(job.result_key)
         try:
-            self._redis.delete(*keys)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(*keys)
+            if job.study_uid:
+                pipe.srem(study_key(job.study_uid), job.job_id)
+            pipe.execute()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             logger.warning("could not remove the keys of an unqueued job; they expire with their TTL")
 

@@ -1,5 +1,6 @@
 """Assembles and runs the ingestion gRPC server: servicer + standard health + reflection, the error
-interceptor, metrics, readiness (Redis answers and the served model predicts), graceful shutdown."""
+interceptor, metrics, TLS / mutual TLS when configured, readiness (Redis accepts writes and the served model
+predicts) and then a health monitor that keeps health true while the service runs, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -11,23 +12,24 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cxr.core.errors import CxrError, DependencyUnavailableError
+from cxr.core.errors import DependencyUnavailableError
 from cxr.core.manifest import Manifest, read_manifest
-from cxr.core.wire import encode_input
 from cxr.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
+from services.ingestion.dependencies import ModelProbe, dependency_checks
 from services.ingestion.errors import ErrorInterceptor
 from services.ingestion.explanation_view import ExplanationView
+from services.ingestion.health_monitor import HealthMonitor
 from services.ingestion.inference_client import TorchServeClient
 from services.ingestion.metrics import IngestionMetrics
-from services.ingestion.pipeline import AnalyzePipeline, check_prediction
+from services.ingestion.pipeline import AnalyzePipeline
 from services.ingestion.result_store import ResultStore
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.settings import IngestionSettings
-from services.ingestion.task_queue import ExplanationQueue
+from services.ingestion.task_queue import QUEUE, ExplanationQueue
+from services.ingestion.tls import describe, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ class IngestionServer:
         self.settings = settings
         self.manifest = manifest or read_manifest(settings.model_dir)
         self.metrics = IngestionMetrics()
-        self.metrics.set_model(self.manifest.name, self.manifest.version)
+        self.metrics.set_model(self.manifest.name, self.manifest.version, self.manifest.labels)
+        self.metrics.watch_queue(settings.redis_url, QUEUE)
         self.store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, dicom_ttl_s=settings.dicom_ttl_s)
         self.queue = ExplanationQueue(settings.redis_url)
         self.inference = TorchServeClient(
@@ -60,6 +63,16 @@ class IngestionServer:
         )
         self.view = ExplanationView(self.store, watch_max_s=settings.watch_max_s)
         self.health = health.HealthServicer()
+        probe = ModelProbe(
+            self.inference, self.manifest, fresh_s=settings.health_interval_s, timeout_s=settings.health_timeout_s
+        )
+        self.monitor = HealthMonitor(
+            self.health,
+            dependency_checks(self.store, probe),
+            services=("", SERVICE_NAME),
+            interval_s=settings.health_interval_s,
+            registry=self.metrics.registry,
+        )
         self._server = self._build_grpc_server()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -86,7 +99,7 @@ class IngestionServer:
             ],
             maximum_concurrent_rpcs=workers,  # beyond this gRPC refuses at once: nothing queues unboundedly
         )
-        servicer = IngestionServicer(pipeline, self.view, max_watches=MAX_WATCHES)
+        servicer = IngestionServicer(pipeline, self.view, max_watches=MAX_WATCHES, upload_idle_s=s.upload_idle_s)
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -94,46 +107,42 @@ class IngestionServer:
         return server
 
     def start(self) -> int:
-        """Bind, serve (health NOT_SERVING) and start the metrics endpoint. Returns the bound gRPC port."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(self.settings.addr)
+        """Bind (TLS when configured), serve (health NOT_SERVING) and start the metrics endpoint. Returns the
+        bound gRPC port."""
+        self.monitor.mark_not_serving()
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.addr)
+        else:
+            self.port = self._server.add_secure_port(self.settings.addr, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.addr}")
         self._server.start()
         if self.settings.metrics_port:
-            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        logger.info("ingestion gRPC on %s (port %d)", self.settings.addr, self.port)
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        logger.info("ingestion gRPC on %s (port %d, %s)", self.settings.addr, self.port, describe(self.settings))
         return self.port
 
     def wait_ready(self, timeout_s: float, stop: threading.Event | None = None) -> None:
-        """Wait (bounded) until Redis answers and the served model predicts a blank image with the expected
-        name, version and labels; then health is SERVING. Raises DependencyUnavailableError on timeout."""
+        """Wait (bounded) until Redis accepts writes and the served model predicts a blank image with the
+        expected name, version and labels; then health is SERVING and the health monitor keeps it true from
+        then on. Raises DependencyUnavailableError on timeout."""
         deadline = time.monotonic() + timeout_s
-        probe = encode_input(np.zeros((1, self.manifest.preprocess.size, self.manifest.preprocess.size), np.float32))
         while True:
-            problem = self._readiness_problem(probe, deadline)
-            if problem is None:
-                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            problems = self.monitor.check_now()
+            if not problems:
+                self.monitor.start()
                 logger.info("ready: Redis answers and %s %s is served", self.manifest.name, self.manifest.version)
                 return
+            problem = "; ".join(f"{name}: {text}" for name, text in problems.items())
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 raise DependencyUnavailableError(f"not ready after {timeout_s:g} s: {problem}")
             logger.info("waiting for dependencies: %s", problem)
             time.sleep(READY_POLL_S)
 
-    def _readiness_problem(self, probe: bytes, deadline: float) -> str | None:
-        try:
-            self.store.ping()
-            self.queue.ping()
-            timeout = max(0.5, min(self.settings.inference_timeout_s, deadline - time.monotonic()))
-            prediction = self.inference.predict(probe, timeout_s=timeout)
-            check_prediction(prediction, self.manifest)  # name, version and labels must be ours
-        except CxrError as e:
-            return str(e)
-        return None
-
     def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, end watches, let running calls finish within the grace period, release all."""
+        self.monitor.stop()
         self.health.enter_graceful_shutdown()
         self.view.stop.set()
         self._server.stop(self.settings.grace_s if grace_s is None else grace_s).wait()
@@ -142,10 +151,6 @@ class IngestionServer:
         self.queue.close()
         self.store.close()
         logger.info("ingestion stopped")
-
-    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        self.health.set("", status)
-        self.health.set(SERVICE_NAME, status)
 
 
 def serve(settings: IngestionSettings) -> int:

@@ -11,20 +11,26 @@ from cxr.ingestion.v1 import ingestion_pb2 as pb
 from cxr.ingestion.v1 import ingestion_pb2_grpc as pb_grpc
 from services.ingestion.explanation_view import ExplanationView
 from services.ingestion.pipeline import AnalyzePipeline, ConcurrencyLimit
+from services.ingestion.upload_stream import IdleLimitedStream
 
 
 class IngestionServicer(pb_grpc.IngestionServiceServicer):
-    """Delegates Analyze to the pipeline and the explanation RPCs to the view."""
+    """Delegates Analyze to the pipeline (its upload cut after ``upload_idle_s`` seconds of silence) and the
+    explanation RPCs to the view."""
 
-    def __init__(self, pipeline: AnalyzePipeline, view: ExplanationView, *, max_watches: int) -> None:
+    def __init__(
+        self, pipeline: AnalyzePipeline, view: ExplanationView, *, max_watches: int, upload_idle_s: float
+    ) -> None:
         self._pipeline = pipeline
         self._view = view
+        self._upload_idle_s = upload_idle_s
         self._watches = ConcurrencyLimit(max_watches, "WatchExplanation streams")
 
     def Analyze(
         self, request_iterator: Iterator[pb.AnalyzeRequest], context: grpc.ServicerContext
     ) -> pb.AnalyzeResponse:
-        return self._pipeline.analyze(request_iterator, time_remaining=context.time_remaining())
+        with IdleLimitedStream(request_iterator, self._upload_idle_s) as requests:
+            return self._pipeline.analyze(requests, time_remaining=context.time_remaining())
 
     def GetExplanation(self, request: pb.GetExplanationRequest, context: grpc.ServicerContext) -> pb.Explanation:
         return self._view.get(request)

@@ -30,12 +30,13 @@ class IngestionSettings:
     """Everything the ingestion service needs to start. Field docs name the environment variable."""
 
     addr: str = "127.0.0.1:50151"  # CXR_INGESTION_ADDR, host:port of the gRPC server (port 0 = any free port)
-    metrics_port: int = 9151  # CXR_INGESTION_METRICS_PORT (0 = no metrics endpoint); bound on addr's host
+    metrics_port: int = 9151  # CXR_INGESTION_METRICS_PORT (0 = no metrics endpoint)
+    metrics_host: str = "127.0.0.1"  # CXR_INGESTION_METRICS_HOST: loopback, or the internal network's address
     redis_url: str = "redis://127.0.0.1:6390/0"  # CXR_REDIS_URL: result store and Celery broker
     torchserve_grpc: str = "127.0.0.1:7470"  # CXR_TORCHSERVE_GRPC: TorchServe's gRPC inference API
     torchserve_model: str = "cxr"  # CXR_TORCHSERVE_MODEL
     torchserve_token_file: Path | None = None  # CXR_TORCHSERVE_TOKEN_FILE: TorchServe's key_file.json
-    model_dir: Path = Path("model_store/cxr-demo-nih14")  # CXR_MODEL_DIR: ensemble dir with manifest.json
+    model_dir: Path = Path("model_store/cxr-nih14-imagenet")  # CXR_MODEL_DIR: ensemble dir with manifest.json
     max_upload_bytes: int = 64 * MIB  # CXR_MAX_UPLOAD_BYTES
     max_concurrent: int = 8  # CXR_MAX_CONCURRENT: in-flight Analyze calls; more are rejected (OVERLOADED)
     lateral_policy: str = "reject"  # CXR_LATERAL_POLICY: reject | warn
@@ -46,11 +47,22 @@ class IngestionSettings:
     grace_s: float = 10.0  # CXR_GRACE_S: graceful shutdown period
     startup_wait_s: float = 120.0  # CXR_STARTUP_WAIT_S: bounded wait for Redis and the served model at start
     watch_max_s: float = 900.0  # CXR_WATCH_MAX_S: longest WatchExplanation stream (when the client sets no deadline)
+    upload_idle_s: float = 30.0  # CXR_UPLOAD_IDLE_S: an Analyze upload silent this long is cut (UPLOAD_IDLE_TIMEOUT)
+    health_interval_s: float = 5.0  # CXR_HEALTH_INTERVAL_S: period of the dependency checks behind gRPC health
+    health_timeout_s: float = 5.0  # CXR_HEALTH_TIMEOUT_S: bound on one TorchServe probe of those checks
+    tls_cert: Path | None = None  # CXR_TLS_CERT: PEM server certificate (chain); with tls_key, the API speaks TLS
+    tls_key: Path | None = None  # CXR_TLS_KEY: PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # CXR_TLS_CLIENT_CA: PEM CA(s); when set, clients need a certificate (mTLS)
 
     @property
     def host(self) -> str:
         """Host part of ``addr`` (brackets of an IPv6 literal removed)."""
         return split_host_port(self.addr)[0].strip("[]")
+
+    @property
+    def tls(self) -> bool:
+        """True when the API is served over TLS (a certificate and its key are configured)."""
+        return self.tls_cert is not None and self.tls_key is not None
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -114,6 +126,27 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value.strip() else None
 
 
+def _pem_file(value: str) -> Path | None:
+    """An optional PEM file that must be readable now (a TLS setting: fail at start, not at the first call)."""
+    path = _optional_path(value)
+    if path is None:
+        return None
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {value}: {e.strerror}") from None
+    if b"-----BEGIN " not in text:
+        raise ValueError(f"{value} is not a PEM file")
+    return path
+
+
+def _host(value: str) -> str:
+    host = value.strip().strip("[]")
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"expected a host name or address, got {value!r}")
+    return host
+
+
 _SPECS: tuple[Setting, ...] = (
     Setting("addr", "CXR_INGESTION_ADDR", _address, "gRPC listen address host:port"),
     Setting("metrics_port", "CXR_INGESTION_METRICS_PORT", _port, "Prometheus port (0 = off)"),
@@ -132,6 +165,13 @@ _SPECS: tuple[Setting, ...] = (
     Setting("grace_s", "CXR_GRACE_S", _positive_float, "graceful shutdown period (s)"),
     Setting("startup_wait_s", "CXR_STARTUP_WAIT_S", _positive_float, "wait for dependencies at start (s)"),
     Setting("watch_max_s", "CXR_WATCH_MAX_S", _positive_float, "longest WatchExplanation stream (s)"),
+    Setting("metrics_host", "CXR_INGESTION_METRICS_HOST", _host, "address the metrics endpoint binds"),
+    Setting("upload_idle_s", "CXR_UPLOAD_IDLE_S", _positive_float, "cut an upload silent this long (s)"),
+    Setting("health_interval_s", "CXR_HEALTH_INTERVAL_S", _positive_float, "dependency check period (s)"),
+    Setting("health_timeout_s", "CXR_HEALTH_TIMEOUT_S", _positive_float, "TorchServe health probe bound (s)"),
+    Setting("tls_cert", "CXR_TLS_CERT", _pem_file, "PEM server certificate (TLS on with --tls-key)"),
+    Setting("tls_key", "CXR_TLS_KEY", _pem_file, "PEM private key of the server certificate"),
+    Setting("tls_client_ca", "CXR_TLS_CLIENT_CA", _pem_file, "PEM CA bundle: require client certificates"),
 )
 
 
@@ -171,6 +211,17 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             values[spec.name] = spec.parse(raw)
         except ValueError as e:
             problems.append(f"{spec.env}={_redacted(raw)!r}: {e}")
+    problems = problems or _tls_problems(values)  # (an unreadable file is reported once, above)
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     return IngestionSettings(**values)
+
+
+def _tls_problems(values: Mapping[str, Any]) -> list[str]:
+    """TLS needs both the certificate and its key; mutual TLS needs TLS."""
+    cert, key, client_ca = values.get("tls_cert"), values.get("tls_key"), values.get("tls_client_ca")
+    if (cert is None) != (key is None):
+        return ["CXR_TLS_CERT and CXR_TLS_KEY must be given together"]
+    if client_ca is not None and cert is None:
+        return ["CXR_TLS_CLIENT_CA (mutual TLS) needs CXR_TLS_CERT and CXR_TLS_KEY"]
+    return []

@@ -9,7 +9,7 @@ import kombu.exceptions
 import redis.exceptions
 from celery import Celery
 
-from services.ingestion.result_store import StoreUnavailableError
+from services.ingestion.result_store import StoreFullError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ExplanationQueue:
             self._app.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
         except (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError) as e:
             logger.warning("could not enqueue an explanation: %s", type(e).__name__)
+            if "maxmemory" in str(e):  # kombu wraps Redis's OOM refusal in OperationalError
+                raise StoreFullError("the task broker (Redis) is full; nothing was enqueued, retry later") from e
             raise StoreUnavailableError("the task broker (Redis) is unavailable; nothing was enqueued") from e
 
     def ping(self) -> None:

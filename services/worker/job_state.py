@@ -29,6 +29,7 @@ from cxr.core.jobs import (
     job_key,
     now_timestamp,
     parse_timestamp,
+    source_key,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "job_key",
     "now_timestamp",
     "parse_timestamp",
+    "source_key",
 ]  # the schema names are re-exported for the worker's callers and tests
 
 Fields = dict[FieldT, EncodableT]
@@ -76,7 +78,8 @@ class JobStore:
         return int(attempts)
 
     def set_progress(self, job_id: str, progress: float, message: str) -> None:
-        self._redis.hset(job_key(job_id), mapping=self._fields(JobStatus.RUNNING, message, progress))
+        """Update a running job's progress. Raises NotFoundError when the job was purged or has expired."""
+        self._write_existing(job_id, self._fields(JobStatus.RUNNING, message, progress))
 
     def read_input(self, job_id: str) -> bytes:
         """The model input blob. Raises NotFoundError (JOB_INPUT_MISSING) when missing or expired."""
@@ -96,17 +99,29 @@ class JobStore:
         """The display PNG, when a job already has one (written by an ingestion older than ``:dicom``)."""
         return self._redis.get(display_key(job_id))  # type: ignore[return-value]
 
-    def finish(self, job_id: str, heatmaps: bytes, display: bytes) -> None:
-        """Store the packed heatmaps and the display PNG, delete the DICOM file and mark the job done (one
-        transaction: ``:display`` appears and ``:dicom`` goes exactly when the job is done)."""
-        ttl_ms = self._job_ttl_ms(job_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(heatmaps_key(job_id), heatmaps, px=ttl_ms)
-        pipe.set(display_key(job_id), display, px=ttl_ms)
-        pipe.delete(dicom_key(job_id))
-        pipe.hset(job_key(job_id), mapping=self._fields(JobStatus.DONE, "explanations ready", 1.0, failure_reason=""))
-        pipe.pexpire(job_key(job_id), ttl_ms)
-        pipe.execute()
+    def finish(self, job_id: str, heatmaps: bytes, display: bytes, source: bytes | None = None) -> None:
+        """Store the packed heatmaps, the display PNG and (when given) the source header (``:source``, the DICOM
+        file without pixel data, for the DICOM results), delete the DICOM file and mark the job done (one
+        transaction: ``:display`` appears and ``:dicom`` goes exactly when the job is done). Raises NotFoundError,
+        writing nothing, when the job hash is gone (purged or expired) by the time the transaction runs."""
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            ttl_ms = int(pipe.pttl(job_key(job_id)))  # type: ignore[arg-type]
+            if ttl_ms == -2:  # no such key: never resurrect a purged job's results
+                raise NotFoundError("job unknown, expired or purged", reason="JOB_NOT_FOUND")
+            ttl_ms = ttl_ms if ttl_ms > 0 else self._ttl_s * 1000
+            pipe.multi()
+            pipe.set(heatmaps_key(job_id), heatmaps, px=ttl_ms)
+            pipe.set(display_key(job_id), display, px=ttl_ms)
+            if source is not None:
+                pipe.set(source_key(job_id), source, px=ttl_ms)
+            pipe.delete(dicom_key(job_id))
+            pipe.hset(
+                job_key(job_id), mapping=self._fields(JobStatus.DONE, "explanations ready", 1.0, failure_reason="")
+            )
+            pipe.pexpire(job_key(job_id), ttl_ms)
+
+        self._redis.transaction(write, job_key(job_id))  # WATCH: a purge in between aborts and re-checks
 
     def fail(self, job_id: str, error: CxrError) -> None:
         """Mark the job failed; ``failure_reason`` is ``"REASON: message"`` (as gRPC status details are)."""
@@ -117,14 +132,15 @@ class JobStore:
         self._write_existing(job_id, self._fields(JobStatus.QUEUED, message))
 
     def _write_existing(self, job_id: str, fields: Fields) -> None:
-        # Only touch a hash that still exists: never resurrect an expired job as a bare hash.
-        if not self._redis.exists(job_key(job_id)):
-            raise NotFoundError("job unknown or expired", reason="JOB_NOT_FOUND")
-        self._redis.hset(job_key(job_id), mapping=fields)
+        # Only touch a hash that still exists: never resurrect an expired or purged job as a bare hash (WATCH:
+        # a delete between the check and the write aborts the write, which is then checked again).
+        def write(pipe: redis.client.Pipeline) -> None:
+            if not pipe.exists(job_key(job_id)):
+                raise NotFoundError("job unknown, expired or purged", reason="JOB_NOT_FOUND")
+            pipe.multi()
+            pipe.hset(job_key(job_id), mapping=fields)
 
-    def _job_ttl_ms(self, job_id: str) -> int:
-        ttl = int(self._redis.pttl(job_key(job_id)))  # type: ignore[arg-type]
-        return ttl if ttl > 0 else self._ttl_s * 1000
+        self._redis.transaction(write, job_key(job_id))
 
     @staticmethod
     def _fields(status: JobStatus, message: str, progress: float | None = None, **extra: str) -> Fields:

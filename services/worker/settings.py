@@ -29,6 +29,7 @@ from typing import Any
 from cxr.core import env_settings
 from cxr.core.env_settings import Setting, is_redis_url, non_negative, positive
 from cxr.core.errors import CxrError
+from cxr.explain.methods import DEFAULT_FUSION_RULE, FUSION_RULES
 
 QUEUE = "explain"
 TASK_NAME = "cxr.explain"
@@ -70,6 +71,7 @@ class WorkerSettings:
     proc_alive_timeout_s: float = 60.0
     redis_socket_timeout_s: float = 5.0
     task_test_delay_s: float = 0.0  # TEST ONLY (see module docstring)
+    fusion_rule: str = DEFAULT_FUSION_RULE  # how the models' maps are fused (cxr.explain.methods.FUSION_RULES)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -89,6 +91,12 @@ class WorkerSettings:
     def max_retry_countdown_s(self) -> float:
         """The longest countdown before a retry (exponential backoff: base * 2**(retries - 1))."""
         return self.retry_backoff_s * 2 ** max(0, self.max_retries - 1)
+
+
+def _fusion_rule(text: str) -> str:
+    if text not in FUSION_RULES:
+        raise ValueError(f"must be one of {FUSION_RULES}")
+    return text
 
 
 def _loglevel(text: str) -> str:
@@ -119,6 +127,7 @@ FIELDS: tuple[Setting, ...] = (
     Setting("unacked_restore_interval_s", "CXR_UNACKED_RESTORE_INTERVAL_S", positive(int), "redelivery sweep"),
     Setting("proc_alive_timeout_s", "CXR_WORKER_PROC_ALIVE_TIMEOUT_S", positive(float), "child start limit"),
     Setting("redis_socket_timeout_s", "CXR_REDIS_SOCKET_TIMEOUT_S", positive(float), "Redis socket timeout"),
+    Setting("fusion_rule", "CXR_FUSION_RULE", _fusion_rule, "heatmap fusion: " + "|".join(FUSION_RULES)),
     Setting("task_test_delay_s", "CXR_TASK_TEST_DELAY_S", non_negative(float), "TEST ONLY", cli=False),
 )
 

@@ -28,13 +28,21 @@ from typing import Any
 import redis
 import torch
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from cxr.core.errors import CxrError, DependencyUnavailableError, ManifestError, NotFoundError, UnsupportedError
+from cxr.core.errors import (
+    CxrError,
+    DependencyUnavailableError,
+    InvalidInputError,
+    ManifestError,
+    NotFoundError,
+    UnsupportedError,
+)
 from cxr.core.manifest import Manifest
 from cxr.core.wire import decode_input
+from cxr.dicom_results.findings import header_bytes
 from cxr.explain.compute import compute_heatmaps
 from cxr.explain.display import display_from_dicom
 from cxr.explain.heatmap_store import pack_heatmaps
@@ -49,9 +57,12 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # Redis at its memory limit (noeviction): TTLs free memory, retry later
     DependencyUnavailableError,
 )
 PROGRESS_INTERVAL_S = 0.25
+BROKER_WAIT_S = 60.0  # how long a task waits for a lost broker to publish its retry (below the soft time limit)
+BROKER_POLL_S = 1.0
 
 
 @dataclass
@@ -169,10 +180,29 @@ def run_job(store: JobStore, job_id: str, s: WorkerSettings) -> str:
     if s.task_test_delay_s > 0:
         time.sleep(s.task_test_delay_s)  # TEST ONLY (CXR_TASK_TEST_DELAY_S): a window to kill a running task
     x = decode_input(store.read_input(job_id), manifest.preprocess)
-    display = display_image(store, job_id, s.overlay_max_side)
-    heatmaps = compute_heatmaps(ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id))
-    store.finish(job_id, pack_heatmaps(heatmaps), display)
+    display, source = display_and_source(store, job_id, s.overlay_max_side)
+    heatmaps = compute_heatmaps(
+        ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id),
+        fusion_rule=s.fusion_rule, method=job.get("explanation_method", ""),
+    )  # fmt: skip
+    store.finish(job_id, pack_heatmaps(heatmaps), display, source)
     return "done"
+
+
+def display_and_source(store: JobStore, job_id: str, max_side: int) -> tuple[bytes, bytes | None]:
+    """The job's display PNG (``display_image``) and its DICOM header without pixel data, for the DICOM results
+    (None for a job of the previous release, or a header the results could not reference: logged, not fatal).
+    Raises like ``display_image``."""
+    display = display_image(store, job_id, max_side)
+    try:
+        data = store.read_dicom(job_id)
+    except NotFoundError:
+        return display, None
+    try:
+        return display, header_bytes(data)
+    except InvalidInputError as e:
+        log.warning("job %s: no DICOM results possible: %s", job_id, e.reason)
+        return display, None
 
 
 def display_image(store: JobStore, job_id: str, max_side: int) -> bytes:
@@ -220,7 +250,25 @@ def _retry_or_fail(task: Task, job_id: str, exc: Exception, started: float) -> s
     except (redis.RedisError, CxrError) as write_error:  # the retry matters more than this status line
         log.warning("job %s: could not mark it queued for retry: %s", job_id, type(write_error).__name__)
     metrics.record_outcome("retry", time.monotonic() - started)
-    raise task.retry(exc=exc, countdown=countdown, max_retries=s.max_retries)
+    raise _publish_retry(task, job_id, exc, countdown, s.max_retries)
+
+
+def _publish_retry(task: Task, job_id: str, exc: Exception, countdown: float, max_retries: int) -> Exception:
+    """``task.retry`` (raises celery's Retry once the retry message is published). When the broker itself is
+    down (Redis killed), Celery cannot publish and rejects the message without requeueing it, which would leave
+    the job unfinished for ever: wait for the broker instead (at most ``BROKER_WAIT_S``) and publish then."""
+    deadline = time.monotonic() + BROKER_WAIT_S
+    while True:
+        try:
+            task.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+        except Reject as rejected:
+            if time.monotonic() >= deadline:
+                log.error(
+                    "job %s: the broker did not come back within %g s; retry not published", job_id, BROKER_WAIT_S
+                )
+                return rejected
+            log.warning("job %s: broker unavailable, waiting to publish the retry", job_id)
+            time.sleep(BROKER_POLL_S)
 
 
 def _outcome(job_id: str, started: float) -> str:

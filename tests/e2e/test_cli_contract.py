@@ -1,7 +1,7 @@
 """Runs the project's acceptance check for the serving side, ../shared/acceptance/check-cli-contract serving,
 exactly as it will be run (`cxr up`, `cxr status --json`, `cxr analyze --json --wait` on the real DICOMs plus
 random bytes, `cxr down`), but safely beside everything else on this machine: from a temporary project folder
-(its `.venv` links to ours, its `.cxr` is the stack's home, its `model_store/cxr-demo-nih14` is a tiny random
+(its `.venv` links to ours, its `.cxr` is the stack's home, its `model_store/cxr-nih14-imagenet` is a tiny random
 ensemble) with every port of the stack moved to a free one through the environment.
 
 The shared script has a bug that makes its serving part fail whatever the stack does: ``say ok ...`` returns 1
@@ -46,7 +46,7 @@ def test_acceptance_check_cli_contract_serving(tmp_path_factory: pytest.TempPath
     assert CHECK.is_file(), f"{CHECK} is missing"
     project = tmp_path_factory.mktemp("cli")  # short: TorchServe's socket paths live under .cxr
     (project / ".venv").symlink_to(REPO / ".venv")
-    make_random_ensemble(project / "model_store" / "cxr-demo-nih14", size=64)
+    make_random_ensemble(project / "model_store" / "cxr-nih14-imagenet", size=64)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(free_port_env(), CXR_OVERLAY_MAX_SIDE="256")
     check = runnable_check(tmp_path_factory.mktemp("check"))

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import pydicom
 import pytest
+import redis
 from PIL import Image
 
+from cxr.core.jobs import heatmaps_key, input_key
 from cxr.core.manifest import Manifest
+from cxr.core.wire import decode_input
+from cxr.explain.heatmap_store import dequantize, unpack_heatmaps
+from cxr.explain.testing import TOLERANCE, captum_gradcam_maps
+from cxr.models.bundle import load_ensemble
 from cxr.models.testing import make_random_ensemble
 from cxr.stack.processes import group_pids, port_is_free
 from cxr.stack.testing import free_port_env
@@ -35,7 +43,7 @@ DATA = REPO.parent / "shared" / "data"
 DICOM = DATA / "dicom"
 CXR = REPO / ".venv" / "bin" / "cxr"
 GOOD = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "siim_pneumothorax_negative.dcm", "nih_no_finding_dx.dcm")
-SERVICES = ("redis", "torchserve", "ingestion", "worker")
+SERVICES = ("redis", "torchserve", "ingestion", "worker", "dicom")
 
 
 @dataclass
@@ -155,7 +163,10 @@ def _check_good(row: dict[str, Any], stack: Stack, out: Path) -> None:
         assert f["positive"] == (f["probability"] >= f["threshold"])
     ex = row["explanation"]
     assert ex["status"] == "done", ex
-    assert len(ex["heatmaps"]) == 2 * len(m.labels)  # overlay + disagreement per label
+    n_positive = sum(f["positive"] for f in row["findings"])
+    assert len(ex["heatmaps"]) == 2 * len(m.labels) + n_positive + 1  # overlay + disagreement per label, the
+    assert sum(p.endswith(".panel.png") for p in ex["heatmaps"]) == n_positive  # paper's panel per positive one,
+    assert Path(ex["heatmaps"][-1]).name == "summary.png"  # and the summary page
     stem = Path(row["file"]).stem
     for path in map(Path, ex["heatmaps"]):
         assert path.parent == out / stem and path.is_file()
@@ -186,6 +197,41 @@ def test_analyze_json_wait_contract_on_real_dicoms(stack: Stack) -> None:
     _check_rejected(rows["cr_header_only_no_pixels.dcm"], "NO_PIXEL_DATA")
     _check_rejected(rows["random_bytes.dcm"], "NOT_DICOM")
     assert rows["RG1_UNCR.dcm"]["identity"]["view_position"] == "PA"
+
+
+def test_dicom_results_pass_dciodvfy_reference_the_source_and_carry_captum_equal_maps(stack: Stack) -> None:
+    """`cxr analyze --wait --dicom`: the SR and Secondary Captures of a real CR file pass dciodvfy, the SR reads
+    with dsrdump and references the source image's UIDs; the job's stored per-model maps equal captum's
+    LayerGradCam of the served weights on the stored input (an independent computation)."""
+    out = stack.cwd / "dicom-out"
+    source = pydicom.dcmread(DICOM / "RG1_UNCR.dcm", stop_before_pixels=True)
+    done = stack.run("analyze", "--json", "--wait", "--dicom", "--no-cache", "--timeout", "120", "--out", str(out),
+                     str(DICOM / "RG1_UNCR.dcm"), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    listing = row["explanation"]["dicom"]
+    n_positive = sum(f["positive"] for f in row["findings"])
+    assert [d["kind"] for d in listing] == ["SR"] + ["SC"] * (n_positive + 1)
+    for item in listing:
+        path = Path(item["path"])
+        assert path.parent == out / "RG1_UNCR" and path.suffix == ".dcm"
+        check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        assert [x for x in (check.stdout + check.stderr).splitlines() if x.startswith("Error")] == [], path.name
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.SOPInstanceUID == item["sop_instance_uid"]
+    sr = pydicom.dcmread(listing[0]["path"])
+    referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    tree = subprocess.run(["dsrdump", listing[0]["path"]], capture_output=True, text=True, timeout=60, check=True)
+    assert all(f'"Tracking Identifier")="{f["label"]}"' in tree.stdout for f in row["findings"])
+    assert "NOT FOR CLINICAL USE" in tree.stdout
+    with redis.Redis(port=int(stack.env["CXR_REDIS_PORT"]), socket_timeout=10) as rds:
+        heatmaps = unpack_heatmaps(rds.get(heatmaps_key(row["job_id"])))  # type: ignore[arg-type]
+        x = decode_input(rds.get(input_key(row["job_id"])), stack.manifest.preprocess)  # type: ignore[arg-type]
+    reference = captum_gradcam_maps(load_ensemble(stack.cwd / "model")[1], x, heatmaps.grid)
+    assert np.abs(dequantize(heatmaps.per_model) - reference).max() <= TOLERANCE
+    assert (reference.std(axis=(2, 3)) > 0.05).any()  # real maps, not constants
 
 
 def test_the_same_file_again_is_cached(stack: Stack) -> None:
@@ -245,7 +291,7 @@ def test_a_hung_service_is_unhealthy_and_a_slow_explanation_times_out(stack: Sta
     row = json.loads(done.stdout)
     assert done.returncode == 1 and row["ok"] is True
     assert row["explanation"] == {"status": "timeout", "heatmaps": [], "failure_reason": "not finished after 3 s",
-                                  "agreement": {}}  # fmt: skip
+                                  "agreement": {}, "dicom": []}  # fmt: skip
 
 
 def test_a_service_that_fails_to_start_is_reported_with_its_log(stack: Stack) -> None:

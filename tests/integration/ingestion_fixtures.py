@@ -31,6 +31,7 @@ from cxr.ingestion.v1 import ingestion_pb2 as pb
 from cxr.ingestion.v1 import ingestion_pb2_grpc as pb_grpc
 from cxr.serving.archive import build_archive
 from cxr.serving.torchserve_process import TorchServe, TorchServeSettings
+from cxr.tls import ClientTLS, make_channel
 from services.ingestion.server import IngestionServer
 from services.ingestion.settings import IngestionSettings
 
@@ -114,12 +115,15 @@ class Running:
 
 
 @contextmanager
-def running_server(settings: IngestionSettings, *, ready: bool = True) -> Iterator[Running]:
-    """Start the real server; with ``ready`` wait until health is SERVING. Always stopped after."""
+def running_server(
+    settings: IngestionSettings, *, ready: bool = True, channel_tls: ClientTLS | None = None
+) -> Iterator[Running]:
+    """Start the real server; with ``ready`` wait until health is SERVING. Always stopped after. The client
+    channel uses ``channel_tls`` (for a server with TLS), else plaintext."""
     server = IngestionServer(settings)
     port = server.start()
     # rendered explanations (two PNGs per label) exceed gRPC's default 4 MiB receive limit
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+    channel = make_channel(f"127.0.0.1:{port}", channel_tls, [("grpc.max_receive_message_length", 64 << 20)])
     try:
         if ready:
             server.wait_ready(settings.startup_wait_s)

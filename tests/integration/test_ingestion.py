@@ -50,9 +50,10 @@ from ingestion_fixtures import analyze as analyze_file
 from PIL import Image
 
 from cxr.core.errors import DependencyUnavailableError
-from cxr.core.jobs import dicom_key, display_key, result_key
+from cxr.core.jobs import dicom_key, display_key, result_key, source_key
 from cxr.core.manifest import Manifest, write_manifest
 from cxr.core.wire import decode_input
+from cxr.dicom_results.findings import header_bytes
 from cxr.explain.compute import compute_heatmaps
 from cxr.explain.display import display_from_dicom
 from cxr.explain.heatmap_store import pack_heatmaps, unpack_heatmaps
@@ -420,6 +421,48 @@ def test_explanations_of_a_done_job_render_pngs(
     assert [label.label for label in positive.labels] == [f.label for f in r.findings if f.positive]
     bad = pb.GetExplanationRequest(job_id=r.job_id, labels=["Dragon"])
     assert refusal(lambda: svc.stub.GetExplanation(bad, timeout=10)).reason == "UNKNOWN_LABEL"
+
+
+def test_dicom_results_come_over_grpc_and_a_job_without_a_source_header_is_refused(
+    svc: Running, rds: redis.Redis, ensemble: tuple[Path, Manifest]
+) -> None:
+    data = dicom_bytes("RG1_UNCR.dcm")
+    r = analyze_file(svc.stub, data, skip_cache=True)
+    _finish_job(rds, ensemble, r.job_id)  # done without ``:source``, as a job of the previous worker release
+    # a 256 px display (a worker with CXR_OVERLAY_MAX_SIDE=256) keeps the rendering short on a 2-core CI machine
+    rds.set(display_key(r.job_id), display_from_dicom(data, 256), keepttl=True)
+    ask = pb.GetExplanationRequest(job_id=r.job_id, dicom=True, render=True)
+    refused = refusal(lambda: svc.stub.GetExplanation(ask, timeout=60))
+    assert (refused.code, refused.reason) == (PRECONDITION, "NO_DICOM_SOURCE")
+    rds.set(source_key(r.job_id), header_bytes(data), ex=3600)  # what the worker stores
+    done = svc.stub.GetExplanation(ask, timeout=120)
+    positives = [f.label for f in r.findings if f.positive]
+    assert [o.kind for o in done.dicom_objects] == ["SR"] + ["SC"] * (len(positives) + 1)
+    assert [o.description for o in done.dicom_objects] == ["findings", *positives, "summary"]
+    objects = [pydicom.dcmread(io.BytesIO(o.data)) for o in done.dicom_objects]
+    for obj, ds in zip(done.dicom_objects, objects, strict=True):
+        assert ds.SOPInstanceUID == obj.sop_instance_uid and ds.SOPClassUID == obj.sop_class_uid
+        assert ds.StudyInstanceUID == r.identity.study_instance_uid
+    evidence = objects[0].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == r.identity.sop_instance_uid
+    with Image.open(io.BytesIO(done.summary_png)) as page:
+        assert page.format == "PNG" and page.size[0] > 0
+    for label in done.labels:
+        assert label.explained and bool(label.panel_png) == label.positive  # the paper's panel: positives only
+        if label.positive:
+            with Image.open(io.BytesIO(label.panel_png)) as panel, Image.open(io.BytesIO(label.overlay_png)) as left:
+                assert panel.size[0] > 2 * left.size[0] and panel.size[1] == left.size[1]
+
+
+def test_an_unknown_explanation_method_is_refused_and_a_known_one_reaches_the_job(
+    svc: Running, rds: redis.Redis
+) -> None:
+    data = dicom_bytes("nih_no_finding_dx.dcm")
+    r = refusal(lambda: analyze_file(svc.stub, data, explanation_method="lime"))
+    assert (r.code, r.reason) == (INVALID, "UNKNOWN_EXPLANATION_METHOD") and "integrated_gradients" in r.details
+    queued = analyze_file(svc.stub, data, explanation_method="occlusion")  # a comparison run: never from the cache
+    assert not queued.cached
+    assert rds.hget(f"cxr:job:{queued.job_id}", "explanation_method") == b"occlusion"
 
 
 def test_watch_streams_every_change_until_done(svc: Running, rds: redis.Redis, ensemble: tuple[Path, Manifest]) -> None:

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import redis
 from celery import Celery
@@ -43,11 +44,13 @@ from worker_fixtures import (
 from worker_fixtures import write_job as write_job_hash_and_blobs
 
 from cxr.core.dicom_decode import decode_radiograph
-from cxr.core.jobs import dicom_key, display_key, heatmaps_key, input_key, job_key
+from cxr.core.jobs import dicom_key, display_key, heatmaps_key, input_key, job_key, source_key
 from cxr.core.manifest import Manifest, read_manifest, write_manifest
 from cxr.core.preprocess import prepare_image
-from cxr.core.wire import encode_input
-from cxr.explain.heatmap_store import unpack_heatmaps
+from cxr.core.wire import decode_input, encode_input
+from cxr.explain.heatmap_store import dequantize, unpack_heatmaps
+from cxr.explain.testing import TOLERANCE, captum_gradcam_maps
+from cxr.models.bundle import load_ensemble
 from services.worker.startup import Readiness
 
 pytestmark = pytest.mark.integration
@@ -140,6 +143,42 @@ def test_job_from_a_real_radiograph_ends_done_with_heatmaps(
     assert not rds.exists(dicom_key(job_id))
     assert png_size(rds.get(display_key(job_id))) == (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE)  # type: ignore[arg-type]
     assert abs(rds.pttl(display_key(job_id)) - job_ttl) < 5000  # type: ignore[operator]
+
+
+def test_stored_maps_equal_captum_layer_gradcam_and_the_source_header_is_kept(
+    worker: WorkerProcess, rds: redis.Redis, producer: Celery, ensemble: tuple[Path, Manifest]
+) -> None:
+    """The stored per-model maps are Grad-CAM: an independent computation (captum's LayerGradCam on the same input
+    and weights, torch's interpolation) agrees to TOLERANCE (uint8 storage); the fused map is the mean (the
+    worker's default rule); ``:source`` holds the file's header without pixel data, for the DICOM results."""
+    job_id = write_job(rds, ensemble[1])
+    enqueue(producer, job_id)
+    assert wait_status(rds, job_id, {"done", "failed"}, timeout_s=60)["status"] == "done"
+    heatmaps = unpack_heatmaps(rds.get(heatmaps_key(job_id)))  # type: ignore[arg-type]
+    x = decode_input(rds.get(input_key(job_id)), ensemble[1].preprocess)  # type: ignore[arg-type]
+    reference = captum_gradcam_maps(load_ensemble(ensemble[0])[1], x, heatmaps.grid)
+    stored = dequantize(heatmaps.per_model)
+    assert np.abs(stored - reference).max() <= TOLERANCE
+    assert (reference.std(axis=(2, 3)) > 0.05).sum() >= len(ensemble[1].labels)  # real maps, not constants
+    assert np.abs(dequantize(heatmaps.fused) - stored.mean(axis=0)).max() <= TOLERANCE
+    assert "mean over models" in heatmaps.method
+    header = pydicom.dcmread(io.BytesIO(rds.get(source_key(job_id))))  # type: ignore[arg-type]
+    original = pydicom.dcmread(DICOM / JOB_DICOM, stop_before_pixels=True)
+    assert header.SOPInstanceUID == original.SOPInstanceUID and "PixelData" not in header
+    assert abs(rds.pttl(source_key(job_id)) - rds.pttl(job_key(job_id))) < 5000  # type: ignore[operator]
+
+
+def test_a_file_whose_header_cannot_make_dicom_results_is_still_explained(
+    worker: WorkerProcess, rds: redis.Redis, producer: Celery, ensemble: tuple[Path, Manifest]
+) -> None:
+    ds = pydicom.dcmread(DICOM / JOB_DICOM)
+    del ds.SeriesInstanceUID  # a result could not reference its series: no ``:source``, but the job is done
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    job_id = write_job(rds, ensemble[1], dicom=buf.getvalue())
+    enqueue(producer, job_id)
+    assert wait_status(rds, job_id, {"done", "failed"}, timeout_s=60)["status"] == "done"
+    assert rds.exists(heatmaps_key(job_id)) and not rds.exists(source_key(job_id))
 
 
 def test_a_job_queued_by_the_previous_release_keeps_its_display(

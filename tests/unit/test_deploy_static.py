@@ -53,7 +53,7 @@ def _port_of(address: str) -> int:
 
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "torchserve", "ingestion", "worker", "prometheus"}
+    assert {"redis", "torchserve", "ingestion", "worker", "prometheus", "grafana"} <= set(services)
     for name, svc in services.items():
         test = svc.get("healthcheck", {}).get("test")
         assert isinstance(test, list) and test[0] == "CMD" and len(test) > 1, name
@@ -86,7 +86,7 @@ def test_ports_and_environment_match_the_stack_defaults(compose: dict[str, Any])
     assert s["redis"]["command"][1:3] == ["--port", str(DEFAULTS.redis_port)]
     assert s["redis"]["healthcheck"]["test"][2:4] == ["-p", str(DEFAULTS.redis_port)]
     assert s["ingestion"]["ports"] == [f"127.0.0.1:{DEFAULTS.ingestion_port}:{DEFAULTS.ingestion_port}"]
-    assert ingestion["CXR_MODEL_DIR"] == worker["CXR_MODEL_DIR"] == "/app/model_store/cxr-demo-nih14"
+    assert ingestion["CXR_MODEL_DIR"] == worker["CXR_MODEL_DIR"] == "/app/model_store/cxr-nih14-imagenet"
 
 
 def test_the_services_accept_their_compose_environment(compose: dict[str, Any], tmp_path: Path) -> None:
@@ -150,17 +150,21 @@ def test_dockerfile_base_java_requirements_and_sources() -> None:
 
 
 def _targets(path: Path) -> dict[str, list[str]]:
+    """job -> its static targets, or ``name:port`` of each DNS service discovery."""
     config = yaml.safe_load(path.read_text())
     return {
-        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+        job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        + [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        for job in config["scrape_configs"]
     }
 
 
-def test_prometheus_scrapes_the_three_metrics_endpoints() -> None:
+def test_prometheus_scrapes_every_metrics_endpoint(compose: dict[str, Any]) -> None:
     metrics = {"cxr-ingestion": DEFAULTS.ingestion_metrics_port, "cxr-worker": DEFAULTS.worker_metrics_port,
-               "torchserve": DEFAULTS.ts_metrics_port}  # fmt: skip
-    hosts = {"cxr-ingestion": "ingestion", "cxr-worker": "worker", "torchserve": "torchserve"}
-    assert _targets(DEPLOY / "prometheus.yml") == {job: [f"{hosts[job]}:{p}"] for job, p in metrics.items()}
+               "torchserve": DEFAULTS.ts_metrics_port, "cxr-dicom": DEFAULTS.dicom_metrics_port}  # fmt: skip
+    hosts = {"cxr-ingestion": "ingestion", "cxr-worker": "worker", "torchserve": "torchserve", "cxr-dicom": "dicom"}
+    in_compose = {job: p for job, p in metrics.items() if hosts[job] in compose["services"]}
+    assert _targets(DEPLOY / "prometheus.yml") == {job: [f"{hosts[job]}:{p}"] for job, p in in_compose.items()}
     assert _targets(DEPLOY / "prometheus.local.yml") == {job: [f"127.0.0.1:{p}"] for job, p in metrics.items()}
 
 

@@ -643,7 +643,7 @@ def test_a_truncated_deflated_file_is_truncated() -> None:
 
 
 def test_a_deflated_dataset_inflating_past_the_cap_is_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = small_rg1()  # inflates to ~33 kB; the real cap is 1 GiB, lowered here to keep the test small
+    ds = small_rg1()  # inflates to ~33 kB; the real cap is 256 MiB, lowered here to keep the test small
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     monkeypatch.setattr(dicom_read, "MAX_INFLATED_BYTES", 10_000)
     with pytest.raises(TooLargeError, match="inflates"):

@@ -92,7 +92,7 @@ def test_a_model_dir_without_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_default_model_dir_is_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # no model_store/cxr-demo-nih14 here
+    monkeypatch.chdir(tmp_path)  # no model_store/cxr-nih14-imagenet here
     with pytest.raises(SettingsError, match="CXR_MODEL_DIR"):
         load_settings([], {})
 

@@ -23,6 +23,7 @@ from cxr.core.jobs import (
     job_key,
     new_job_fields,
     result_key,
+    source_key,
 )
 from cxr.ingestion.v1 import ingestion_pb2 as pb
 from services.ingestion.explanation_view import STATUS, job_status
@@ -34,7 +35,7 @@ JOB = "0123456789abcdef0123456789abcdef"
 
 def test_job_keys_follow_the_architecture_document() -> None:
     assert job_key(JOB) == f"cxr:job:{JOB}"
-    named = (input_key, dicom_key, display_key, findings_key, heatmaps_key)
+    named = (input_key, dicom_key, display_key, findings_key, heatmaps_key, source_key)
     assert [key(JOB) for key in named] == [f"cxr:job:{JOB}:{blob}" for blob in JOB_BLOBS]
     assert [blob_key(JOB, blob) for blob in JOB_BLOBS] == [key(JOB) for key in named]
 
@@ -67,7 +68,7 @@ def test_a_new_job_hash_has_every_field_the_worker_reads() -> None:
     before = time.time()
     fields = new_job_fields(JobStatus.QUEUED, "waiting", model_name="m", model_version="1.0")
     assert set(fields) == {"status", "progress", "message", "failure_reason", "attempts", "created", "updated",
-                           "model_name", "model_version"}  # fmt: skip
+                           "model_name", "model_version", "explanation_method"}  # fmt: skip
     assert (fields["status"], fields["progress"], fields["attempts"], fields["failure_reason"]) == (
         "queued",
         "0",

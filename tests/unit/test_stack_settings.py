@@ -56,6 +56,7 @@ def test_defaults_are_the_architecture_ports(tmp_path: Path) -> None:
         "CXR_REDIS_PORT": 6390, "CXR_TS_INFERENCE_PORT": 8480, "CXR_TS_MANAGEMENT_PORT": 8481,
         "CXR_TS_METRICS_PORT": 8482, "CXR_TS_GRPC_PORT": 7470, "CXR_TS_GRPC_MANAGEMENT_PORT": 7471,
         "CXR_INGESTION_PORT": 50151, "CXR_INGESTION_METRICS_PORT": 9151, "CXR_WORKER_METRICS_PORT": 9152,
+        "CXR_DICOM_PORT": 11112, "CXR_DICOM_METRICS_PORT": 9153,
     }  # fmt: skip
     assert s.home == tmp_path / ".cxr"
     assert s.redis_url == "redis://127.0.0.1:6390/0"
@@ -64,8 +65,8 @@ def test_defaults_are_the_architecture_ports(tmp_path: Path) -> None:
 
 
 def test_demo_model_in_cwd_is_preferred(tmp_path: Path) -> None:
-    (tmp_path / "model_store" / "cxr-demo-nih14").mkdir(parents=True)
-    assert StackSettings.from_env({}, cwd=tmp_path).model_dir == tmp_path / "model_store" / "cxr-demo-nih14"
+    (tmp_path / "model_store" / "cxr-nih14-imagenet").mkdir(parents=True)
+    assert StackSettings.from_env({}, cwd=tmp_path).model_dir == tmp_path / "model_store" / "cxr-nih14-imagenet"
 
 
 def test_env_overrides_ports_and_resolves_relative_paths(tmp_path: Path) -> None:
@@ -252,7 +253,7 @@ def test_status_json_of_a_stopped_stack(
     monkeypatch.setenv("CXR_MODEL_DIR", str(_manifest_dir(tmp_path)))
     assert main(["status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert set(status["services"]) == {"redis", "torchserve", "ingestion", "worker"}
+    assert set(status["services"]) == {"redis", "torchserve", "ingestion", "worker", "dicom"}
     assert {s["state"] for s in status["services"].values()} == {"stopped"}
     assert status["up"] is False and status["model"]["name"] == "cxr-unit"
     assert stack_status(StackSettings.from_env())["services"]["ingestion"]["pid"] is None
