@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("training failed: %s", e)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
-        log.info("done: %d epochs, best epoch %d (val loss %.4f) in %.0f s", record["epochs_run"],
-                 record["best_epoch"], record["best_val_loss"], record["seconds"])  # fmt: skip
+        kept = ("the last epoch's weights kept" if record["checkpoint"] == "last"
+                else f"best epoch {record['best_epoch']} kept (val loss {record['best_val_loss']:.4f})")  # fmt: skip
+        log.info("done: %d epochs, %s, in %.0f s", record["epochs_run"], kept, record["seconds"])
     return 0
 
 

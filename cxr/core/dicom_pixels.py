@@ -85,8 +85,25 @@ def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
         return values
     rows = np.arange(0, values.shape[0], factor)
     columns = np.arange(0, values.shape[1], factor)
-    sums = np.add.reduceat(np.add.reduceat(values, columns, axis=1, dtype=np.float64), rows, axis=0)
+    sums = _block_sums(values, factor, rows, columns)
     sums /= _block_counts(values.shape[0], rows, factor)[:, None] * _block_counts(values.shape[1], columns, factor)
+    return sums
+
+
+def _block_sums(values: np.ndarray, factor: int, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """float64 sums of the factor x factor blocks. The full blocks are summed through a reshape (about twice as
+    fast as ``np.add.reduceat`` on a radiograph); only the partial last row / column of blocks uses reduceat.
+    Sums of integers are exact in float64, so the result does not depend on the order."""
+    full_h, full_w = values.shape[0] // factor, values.shape[1] // factor
+    sums = np.empty((len(rows), len(columns)), np.float64)
+    core = values[: full_h * factor, : full_w * factor].reshape(full_h, factor, full_w * factor)
+    sums[:full_h, :full_w] = core.sum(axis=1, dtype=np.float64).reshape(full_h, full_w, factor).sum(axis=2)
+    if full_w < len(columns):  # the last, partial column of blocks (all rows)
+        edge = values[:, full_w * factor :].sum(axis=1, dtype=np.float64)
+        sums[:, full_w] = np.add.reduceat(edge, rows)
+    if full_h < len(rows):  # the last, partial row of blocks (the full columns)
+        edge = values[full_h * factor :, : full_w * factor].sum(axis=0, dtype=np.float64)
+        sums[full_h, :full_w] = edge.reshape(full_w, factor).sum(axis=1)
     return sums
 
 

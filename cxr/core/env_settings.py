@@ -68,3 +68,34 @@ def non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 def is_redis_url(value: str) -> bool:
     """True if ``value`` has a scheme redis-py connects with (redis://, rediss://, unix://)."""
     return value.startswith(REDIS_URL_SCHEMES)
+
+
+def port_number(value: str) -> int:
+    """A parser: a TCP port, 0..65535 (0 = off / any). Raises ValueError otherwise."""
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} outside 0..65535")
+    return port
+
+
+def positive_float(value: str) -> float:
+    """A parser: a positive finite number. Raises ValueError otherwise."""
+    x = float(value)
+    if not x > 0 or x == float("inf"):
+        raise ValueError(f"must be a positive finite number, got {value}")
+    return x
+
+
+def redis_url(value: str) -> str:
+    """A parser: a Redis URL (``is_redis_url``). The error never echoes the credentials part."""
+    if not is_redis_url(value):
+        raise ValueError(f"expected a redis:// URL, got {value.split('@')[-1]!r}")  # never echo a password
+    return value
+
+
+def host_name(value: str) -> str:
+    """A parser: a host name or address (IPv6 brackets removed). Raises ValueError for an empty or odd value."""
+    host = value.strip().strip("[]")
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"expected a host name or address, got {value!r}")
+    return host

@@ -67,7 +67,7 @@ def blob_key(job_id: str, name: str) -> str:
 
 
 def input_key(job_id: str) -> str:
-    """Model input, npy bytes (``cxr.core.wire``)."""
+    """Model input, wire-format bytes (``cxr.core.wire``: layout 1, or the legacy npy)."""
     return blob_key(job_id, "input")
 
 

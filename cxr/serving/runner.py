@@ -1,5 +1,5 @@
-"""Server-independent inference over a whole ensemble: npy request blob -> calibrated probabilities (each model's
-logit offset and temperature from the manifest) -> result document.
+"""Server-independent inference over a whole ensemble: request blob (``cxr.core.wire``) -> calibrated
+probabilities (each model's logit offset and temperature from the manifest) -> result document.
 
 Everything a model server needs lives here so that the TorchServe handler (``services/inference/handler.py``)
 stays a thin adapter and the ensemble could move to another server unchanged. No TorchServe import, no I/O
@@ -59,7 +59,10 @@ class EnsembleRunner:
         return (1, s, s)
 
     def decode_request(self, blob: bytes | bytearray) -> np.ndarray:
-        """npy bytes (wire format) -> (1, S, S) float32. Raises InvalidInputError (reason BAD_MODEL_INPUT)."""
+        """Wire-format bytes (layout 1 or legacy npy) -> (1, S, S) float32.
+
+        Raises InvalidInputError (reason BAD_MODEL_INPUT) for a bad magic, version, dtype, length, shape or value.
+        """
         return decode_input(blob, self.manifest.preprocess)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

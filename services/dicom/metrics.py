@@ -6,13 +6,9 @@ text a PACS chooses), a UID or anything else that identifies a study, series or 
 
 from __future__ import annotations
 
-import logging
-import threading
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-logger = logging.getLogger(__name__)
+from cxr.metrics_endpoint import MetricsEndpoint
 
 # Seconds; from a cached answer (~10 ms) to a slow CPU analysis of a large instance.
 STORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -58,8 +54,7 @@ class DicomMetrics:
             "cxr_dicom_delivery_seconds", "From an instance's arrival to its results stored at the destination",
             buckets=DELIVERY_BUCKETS, registry=r,
         )  # fmt: skip
-        self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def record_store(self, outcome: str, reason: str | None, seconds: float) -> None:
         """Count one answered C-STORE and its time; a refusal also counts under its reason."""
@@ -70,14 +65,8 @@ class DicomMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on ``host:port`` (port 0 = a free port). Returns the bound port."""
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http.server_address[1])
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
+        return self._endpoint.serve(host, port)
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if it was started."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        self._endpoint.close()

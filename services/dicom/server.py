@@ -9,11 +9,9 @@ a large instance costs disk, not memory, and its size is checked before a byte o
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
 import threading
 import time
-from types import FrameType
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
@@ -23,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from cxr.client import IngestionClient
 from cxr.core.errors import CxrError, DependencyUnavailableError
+from cxr.shutdown import stop_on_signals
 from cxr.stack.health import grpc_serving
 from cxr.tls import ClientTLS, TlsConfigError, stack_probe_tls
 from services.dicom.delivery import DeliveryLoop
@@ -164,14 +163,7 @@ def serve(settings: DicomSettings) -> int:
     except TlsConfigError as e:
         logger.error("client TLS settings: %s", e)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %d: shutting down (grace %g s)", signum, settings.grace_s)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(settings.grace_s)
     server = DicomServer(settings, tls)
     try:
         server.wait_ready(settings.startup_wait_s, stop)

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cxr.core import env_settings
-from cxr.core.env_settings import Setting, is_redis_url, positive
+from cxr.core.env_settings import Setting, positive
+from cxr.core.env_settings import host_name as _host
+from cxr.core.env_settings import port_number as _port
+from cxr.core.env_settings import positive_float as _positive_float
+from cxr.core.env_settings import redis_url as _redis_url
 
 MIB = 1024 * 1024
 ANY_AE = "*"
@@ -144,26 +148,6 @@ def _address(value: str) -> str:
     return value
 
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} outside 0..65535")
-    return port
-
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0 or x == float("inf"):
-        raise ValueError(f"must be a positive finite number, got {value}")
-    return x
-
-
-def _redis_url(value: str) -> str:
-    if not is_redis_url(value):
-        raise ValueError(f"expected a redis:// URL, got {value.split('@')[-1]!r}")  # never echo a password
-    return value
-
-
 def _directory(value: str) -> Path | None:
     if not value.strip():
         return None
@@ -171,13 +155,6 @@ def _directory(value: str) -> Path | None:
     if not path.is_dir():
         raise ValueError(f"{value} is not a directory")
     return path
-
-
-def _host(value: str) -> str:
-    host = value.strip().strip("[]")
-    if not host or any(c.isspace() or c in "/@" for c in host):
-        raise ValueError(f"expected a host name or address, got {value!r}")
-    return host
 
 
 _SPECS: tuple[Setting, ...] = (

@@ -5,11 +5,13 @@ class (``ts.model_loader`` requires exactly one class defined here). Nothing is 
 context is used through the attributes every TorchServe context has (``system_properties``,
 ``set_response_status``), so the handler also runs under a plain mock context (unit tests, the GPU check).
 
-Request: ``{"data": <npy bytes>}`` (gRPC ``PredictionsRequest.input``; HTTP bodies arrive as ``"body"``).
-Answer, one per request, in order: the JSON result document, or ``{"error": {"reason", "message"}}`` for a
-request whose input is invalid; the other requests of the batch are answered normally. An invalid request also
-gets a per-request status (400) for HTTP clients; TorchServe's gRPC frontend ignores per-request statuses and
-answers OK with the error document, so gRPC clients must look for the ``"error"`` key.
+Request: ``{"data": <model input>}`` (gRPC ``PredictionsRequest.input``; HTTP bodies arrive as ``"body"``), the
+model input in the wire format of ``cxr.core.wire`` (layout 1: 16-byte header + raw float16; the legacy float32
+npy is still accepted). Answer, one per request, in order: the compact JSON result document (no spaces), or
+``{"error": {"reason", "message"}}`` for a request whose input is invalid; the other requests of the batch are
+answered normally. An invalid request also gets a per-request status (400) for HTTP clients; TorchServe's gRPC
+frontend ignores per-request statuses and answers OK with the error document, so gRPC clients must look for the
+``"error"`` key. One INFO line "cxr batch of N" per batch shows the batches TorchServe formed.
 Batch size, batch delay, workers and timeouts live in ``model-config.yaml``.
 """
 
@@ -52,13 +54,13 @@ def _set_threads_from_env() -> None:
 
 
 def _request_blob(request: Any) -> bytes | bytearray:
-    """One TorchServe request map -> the npy bytes. Raises InvalidInputError (reason BAD_MODEL_INPUT)."""
+    """One TorchServe request map -> the wire-format bytes. Raises InvalidInputError (reason BAD_MODEL_INPUT)."""
     blob = request.get(INPUT_KEY) if isinstance(request, dict) else None
     if blob is None and isinstance(request, dict):
         blob = request.get("body")
     if not isinstance(blob, bytes | bytearray):
         raise InvalidInputError(
-            f"request needs a '{INPUT_KEY}' entry holding npy bytes, got {type(blob).__name__}",
+            f"request needs a '{INPUT_KEY}' entry holding model-input bytes, got {type(blob).__name__}",
             reason="BAD_MODEL_INPUT",
         )
     return blob
@@ -82,7 +84,10 @@ class CxrEnsembleHandler:
         self.runner = EnsembleRunner.load(props["model_dir"], device)
         self.initialized = True
         m = self.runner.manifest
-        logger.info("loaded ensemble %s %s (%d models) on %s", m.name, m.version, len(m.models), device)
+        logger.info(
+            "loaded ensemble %s %s (%d models) on %s, %d torch threads",
+            m.name, m.version, len(m.models), device, torch.get_num_threads(),
+        )  # fmt: skip
 
     def _runner(self) -> EnsembleRunner:
         if self.runner is None:
@@ -113,11 +118,11 @@ class CxrEnsembleHandler:
         k = 0
         for error in errors:
             if error is not None:
-                results.append(json.dumps(error_document(error)))
+                results.append(_compact_json(error_document(error)))
                 continue
             if probs is None:
                 raise RuntimeError("valid requests but no probabilities: inference was skipped")
-            results.append(json.dumps(runner.result_document(probs[k])))
+            results.append(_compact_json(runner.result_document(probs[k])))
             k += 1
         return results
 
@@ -125,6 +130,7 @@ class CxrEnsembleHandler:
         """TorchServe's entry point: a batch of requests -> one JSON string per request, in order."""
         if not data:
             return []
+        logger.info("cxr batch of %d", len(data))  # one line per batch, like TorchServe's own; benchmarks read it
         batch, errors = self.preprocess(data)
         results = self.postprocess(self.inference(batch), errors)
         for idx, error in enumerate(errors):
@@ -132,6 +138,11 @@ class CxrEnsembleHandler:
                 logger.info("request %d of %d rejected: %s", idx, len(errors), error.reason)
                 _report_status(context, idx, error)
         return results
+
+
+def _compact_json(document: dict[str, Any]) -> str:
+    """JSON without the default separators' spaces (the answer travels back to ingestion and into Redis)."""
+    return json.dumps(document, separators=(",", ":"))
 
 
 def _report_status(context: Any, idx: int, error: CxrError) -> None:

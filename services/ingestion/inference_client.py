@@ -126,14 +126,15 @@ class TorchServeClient:
         """Close the channel; calls in progress fail with CANCELLED."""
         self._channel.close()
 
-    def predict(self, npy: bytes, *, timeout_s: float | None = None) -> Prediction:
-        """Send one wire-format model input; return the handler's answer.
+    def predict(self, model_input: bytes, *, timeout_s: float | None = None) -> Prediction:
+        """Send one model input (``cxr.core.wire`` layout 1: 16-byte header + raw float16); return the handler's
+        answer.
 
         The whole call, retries included, ends within ``timeout_s`` (default: the client's). UNAVAILABLE is
         retried up to ``retries`` times with exponential backoff. Raises InferenceUnavailableError when
         TorchServe cannot answer, InferenceFailedError when it answers with an error.
         """
-        request = inference_pb2.PredictionsRequest(model_name=self.model_name, input={INPUT_KEY: npy})
+        request = inference_pb2.PredictionsRequest(model_name=self.model_name, input={INPUT_KEY: model_input})
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         token_reloaded = False
         attempt = 0

@@ -14,17 +14,17 @@ each scrape (LLEN of the Celery queue), so the queue depth is visible even when 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 import redis
 import redis.exceptions
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from cxr.metrics_endpoint import MetricsEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class IngestionMetrics:
             registry=r,
         )
         self._queue_probe: QueueLengthCollector | None = None
-        self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def set_model(self, name: str, version: str, labels: Sequence[str] = ()) -> None:
         """Publish the served ensemble's name and version (one series) and create the per-finding series of its
@@ -128,17 +127,11 @@ class IngestionMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on ``host:port`` (port 0 = a free port). Returns the bound port."""
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(self._http.server_address[1])
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
+        return self._endpoint.serve(host, port)
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if it was started, and the queue probe's Redis connections."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        self._endpoint.close()
         if self._queue_probe is not None:
             self.registry.unregister(self._queue_probe)
             self._queue_probe.close()

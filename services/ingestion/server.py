@@ -5,11 +5,9 @@ predicts) and then a health monitor that keeps health true while the service run
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from cxr.core.errors import DependencyUnavailableError
 from cxr.core.manifest import Manifest, read_manifest
 from cxr.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
+from cxr.shutdown import stop_on_signals
 from services.ingestion.dependencies import ModelProbe, dependency_checks
 from services.ingestion.errors import ErrorInterceptor
 from services.ingestion.explanation_view import ExplanationView
@@ -155,14 +154,7 @@ class IngestionServer:
 
 def serve(settings: IngestionSettings) -> int:
     """Run until SIGTERM/SIGINT; 0 after a graceful stop, 1 when dependencies never became ready."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %d: shutting down (grace %g s)", signum, settings.grace_s)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(settings.grace_s)
     server = IngestionServer(settings)
     server.start()
     try:

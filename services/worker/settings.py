@@ -65,7 +65,7 @@ class WorkerSettings:
     max_retries: int = 3
     retry_backoff_s: float = 2.0
     max_attempts: int = 6  # deliveries of one job (first + retries + redeliveries after lost workers)
-    torch_threads: int = 0  # 0 -> cpu count / concurrency
+    torch_threads: int = 0  # 0 -> cpu count / concurrency - 1 (see threads_per_child)
     visibility_timeout_s: int = 600
     unacked_restore_interval_s: int = 10
     proc_alive_timeout_s: float = 60.0
@@ -83,10 +83,12 @@ class WorkerSettings:
         return self.hostname or f"explain-{os.getpid()}@{socket.gethostname()}"
 
     def threads_per_child(self) -> int:
-        """Torch intra-op threads for each pool child."""
+        """Torch intra-op threads for each pool child: ``torch_threads``, or (auto) the child's share of the CPUs
+        less one, which is left to the display decode that runs in a thread beside the heatmaps (on the 2-core
+        CPU a job took 127 ms with 1 torch thread and 185 ms with 2: docs/BENCHMARKS.md, issue 9); at least 1."""
         if self.torch_threads > 0:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.concurrency)
+        return max(1, (os.cpu_count() or 1) // self.concurrency - 1)
 
     def max_retry_countdown_s(self) -> float:
         """The longest countdown before a retry (exponential backoff: base * 2**(retries - 1))."""

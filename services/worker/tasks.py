@@ -2,8 +2,8 @@
 
 Message: ``args=[job_id]`` and nothing else; the pixels travel through Redis. A job: read the model input, make
 the display image from the uploaded DICOM file (``:dicom``, decoded by the same core as Analyze, at the resolution
-``CXR_OVERLAY_MAX_SIDE`` needs), compute the heatmaps, then store heatmaps and display, delete ``:dicom`` and mark
-the job done in one transaction. Outcomes:
+``CXR_OVERLAY_MAX_SIDE`` needs; in a thread, while torch computes the heatmaps), then store heatmaps and display,
+delete ``:dicom`` and mark the job done in one transaction. Outcomes:
 
 * done: heatmaps and display image stored, ``:dicom`` deleted, hash ``done`` at progress 1.0;
 * noop: the job is already done / failed / skipped (a redelivered or duplicate message): nothing is written;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,34 +181,25 @@ def run_job(store: JobStore, job_id: str, s: WorkerSettings) -> str:
     if s.task_test_delay_s > 0:
         time.sleep(s.task_test_delay_s)  # TEST ONLY (CXR_TASK_TEST_DELAY_S): a window to kill a running task
     x = decode_input(store.read_input(job_id), manifest.preprocess)
-    display, source = display_and_source(store, job_id, s.overlay_max_side)
-    heatmaps = compute_heatmaps(
-        ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id),
-        fusion_rule=s.fusion_rule, method=job.get("explanation_method", ""),
-    )  # fmt: skip
+    # The display decode (numpy / openjpeg / Pillow, mostly outside the GIL) runs in a thread while torch computes
+    # the heatmaps, so the job takes about as long as the longer of the two, not their sum. Its errors (the
+    # decoder's reason) surface at ``result()``, exactly as when it ran first.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="display") as pool:
+        display_job = pool.submit(display_and_source, store, job_id, s.overlay_max_side)
+        heatmaps = compute_heatmaps(
+            ensemble, manifest, x, grid=s.heatmap_grid, progress=ProgressReporter(store, job_id),
+            fusion_rule=s.fusion_rule, method=job.get("explanation_method", ""),
+        )  # fmt: skip
+        display, source = display_job.result()
     store.finish(job_id, pack_heatmaps(heatmaps), display, source)
     return "done"
 
 
 def display_and_source(store: JobStore, job_id: str, max_side: int) -> tuple[bytes, bytes | None]:
-    """The job's display PNG (``display_image``) and its DICOM header without pixel data, for the DICOM results
-    (None for a job of the previous release, or a header the results could not reference: logged, not fatal).
-    Raises like ``display_image``."""
-    display = display_image(store, job_id, max_side)
-    try:
-        data = store.read_dicom(job_id)
-    except NotFoundError:
-        return display, None
-    try:
-        return display, header_bytes(data)
-    except InvalidInputError as e:
-        log.warning("job %s: no DICOM results possible: %s", job_id, e.reason)
-        return display, None
-
-
-def display_image(store: JobStore, job_id: str, max_side: int) -> bytes:
-    """The job's display PNG (long side <= ``max_side``), made from its ``:dicom`` file. A job queued by an
-    ingestion of the previous release has a ``:display`` and no ``:dicom``: it keeps its display.
+    """The job's display PNG (long side <= ``max_side``, made from its ``:dicom`` file, read from Redis once) and
+    that file's header without pixel data, for the DICOM results (None when the header cannot be referenced:
+    logged, not fatal). A job queued by an ingestion of the previous release has a ``:display`` and no ``:dicom``:
+    it keeps its display, and has no header.
 
     Raises NotFoundError (JOB_DICOM_MISSING) when the job has neither, and the decoder's CxrError (NOT_DICOM,
     TRUNCATED_DICOM, CORRUPT_PIXEL_DATA, ...) when the file does not decode at display resolution.
@@ -218,8 +210,13 @@ def display_image(store: JobStore, job_id: str, max_side: int) -> bytes:
         legacy = store.read_display(job_id)
         if legacy is None:
             raise
-        return legacy
-    return display_from_dicom(data, max_side)
+        return legacy, None
+    display = display_from_dicom(data, max_side)
+    try:
+        return display, header_bytes(data)
+    except InvalidInputError as e:
+        log.warning("job %s: no DICOM results possible: %s", job_id, e.reason)
+        return display, None
 
 
 def _fail(job_id: str, error: CxrError, started: float) -> str:

@@ -318,7 +318,7 @@ def test_down_leaves_no_process_and_is_idempotent(stack: Stack) -> None:
     state = stack.state()
     done = stack.run("down", timeout=200)
     assert done.returncode == 0, done.stderr
-    assert "stopped: worker, ingestion, torchserve, redis" in done.stdout
+    assert "stopped: dicom, worker, ingestion, torchserve, redis" in done.stdout
     for pid, create_time, pgid in _recorded_processes(state):
         assert not _same_process_alive(pid, create_time), pid
         assert group_pids(pgid) == [], pgid

@@ -402,7 +402,7 @@ def test_explanations_of_a_done_job_render_pngs(
     assert done.method == heatmaps.method and done.model.version == ensemble[1].version
     assert [label.label for label in done.labels] == list(ensemble[1].labels)
     display_size = Image.open(io.BytesIO(rds.get(display_key(r.job_id)))).size  # type: ignore[arg-type]
-    assert display_size == (964, 1024)  # RG1: 1841 x 1955 with its long side at the worker's 1024
+    assert display_size == (921, 978)  # RG1 (1841 x 1955) read at half resolution: long side <= the worker's 1024
     for j, (label, finding) in enumerate(zip(done.labels, r.findings, strict=True)):
         assert (label.probability, label.votes, label.positive) == (
             finding.probability,

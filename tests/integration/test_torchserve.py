@@ -6,6 +6,7 @@ TorchServe is started once for the module (~5-20 s here) and stopped by the last
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -157,7 +158,7 @@ def test_worker_runs_the_configured_python_and_loads_the_ensemble(served: Served
     assert f"Python executable: {served.ts.settings.python}" in (logs / "ts_log.log").read_text()
     assert "loaded ensemble cxr-random-test" in (logs / "model_log.log").read_text()
     (described,) = served.ts.describe_model(MODEL)
-    assert described["batchSize"] == 8 and described["maxBatchDelay"] == 2
+    assert described["batchSize"] == 4 and described["maxBatchDelay"] == 2
     assert described["minWorkers"] == described["maxWorkers"] == 1
 
 
@@ -178,13 +179,17 @@ def test_grpc_prediction_equals_the_in_process_runner(served: Served) -> None:
 def test_concurrent_requests_each_get_their_own_answer_in_batches(served: Served) -> None:
     blobs = nih_blobs(8)
     log = served.ts.settings.logs_dir / "model_log.log"
-    batches_before = log.read_text().count("Backend received inference")
+    log_before = log.read_text()
+    batches_before = log_before.count("Backend received inference")
     with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
         docs = list(pool.map(served.predict, blobs))
     for blob, doc in zip(blobs, docs, strict=True):
         np.testing.assert_allclose(doc["probabilities"], served.expected(blob), atol=1e-5)
-    batches = log.read_text().count("Backend received inference") - batches_before
+    log_after = log.read_text()
+    batches = log_after.count("Backend received inference") - batches_before
     assert 1 <= batches < len(blobs), f"{batches} batches for {len(blobs)} requests"  # batching happened
+    sizes = [int(n) for n in re.findall(r"cxr batch of (\d+)", log_after[len(log_before) :])]
+    assert sum(sizes) == len(blobs) and max(sizes) <= 4 and len(sizes) == batches  # model-config's batchSize
 
 
 def test_garbage_input_is_answered_with_an_error_document(served: Served) -> None:

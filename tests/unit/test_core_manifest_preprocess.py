@@ -10,7 +10,7 @@ import pytest
 from cxr.core.errors import InvalidInputError, ManifestError
 from cxr.core.manifest import Manifest, ModelEntry, checked_weights_path, file_sha256, read_manifest, write_manifest
 from cxr.core.preprocess import PreprocessSpec, load_image_file, normalize, prepare_image, resize_square, to_unit_range
-from cxr.core.wire import decode_input, encode_input
+from cxr.core.wire import decode_input, encode_input, encode_npy
 
 pytestmark = pytest.mark.unit
 NIH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nih-cxr14-621" / "images_512"
@@ -114,10 +114,13 @@ def test_sixteen_bit_png_is_scaled_by_full_range(tmp_path: Path) -> None:
 def test_wire_round_trip_and_rejections() -> None:
     spec = PreprocessSpec(size=32)
     x = np.random.default_rng(0).normal(size=(1, 32, 32)).astype(np.float32)
-    assert np.array_equal(decode_input(encode_input(x), spec), x)
-    with pytest.raises(InvalidInputError, match="not a .npy"):
+    np.testing.assert_allclose(decode_input(encode_input(x), spec), x, rtol=2**-11, atol=0)
+    assert np.array_equal(decode_input(encode_npy(x), spec), x)
+    with pytest.raises(InvalidInputError, match="neither wire layout"):
         decode_input(b"garbage", spec)
-    with pytest.raises(InvalidInputError, match="must be float32"):
+    with pytest.raises(InvalidInputError, match="not a .npy"):
+        decode_input(b"\x93NUMPY garbage", spec)
+    with pytest.raises(InvalidInputError, match=r"must be \(1, 32, 32\)"):
         decode_input(encode_input(np.zeros((1, 16, 16), np.float32)), spec)
     bad = x.copy()
     bad[0, 0, 0] = np.nan

@@ -177,7 +177,6 @@ def test_bad_inputs_get_typed_errors() -> None:
     assert e.value.reason == "BAD_HEATMAPS" and "Hernia" in e.value.message
 
 
-
 def test_building_results_never_warns_with_the_patients_name() -> None:
     """highdicom quotes odd person names in UserWarnings, which end up in service logs: suppressed while building."""
     import warnings

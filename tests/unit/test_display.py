@@ -15,7 +15,14 @@ from PIL import Image
 
 from cxr.core.dicom_decode import decode_radiograph
 from cxr.core.errors import CxrError
-from cxr.explain.display import display_from_dicom, display_min_side, display_png, grey_png, shrink_to
+from cxr.explain.display import (
+    display_decode_min_side,
+    display_from_dicom,
+    display_min_side,
+    display_png,
+    grey_png,
+    shrink_to,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +65,13 @@ def test_display_min_side_is_the_short_side_of_the_display() -> None:
     assert display_min_side(100, 80, 1024) == 80  # never more than the image has
 
 
+def test_display_decode_min_side_halves_files_less_than_twice_the_display() -> None:
+    assert display_decode_min_side(1955, 1841, 1024) == 920  # -> 2 x 2 means / one JPEG 2000 level: 978 x 921
+    assert display_decode_min_side(1024, 1024, 256) == 256  # a 4x factor already: unchanged
+    assert display_decode_min_side(1200, 1000, 1024) == 854  # half (500) would be too small: full resolution
+    assert display_decode_min_side(100, 80, 1024) == 80  # smaller than the display: full resolution
+
+
 @pytest.mark.parametrize("args", [(0, 10, 64), (10, 0, 64), (10, 10, 0)])
 def test_display_min_side_refuses_non_positive_sizes(args: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError):
@@ -74,11 +88,16 @@ def test_a_display_from_a_real_dicom_is_the_radiograph_at_the_overlay_size() -> 
     assert centre_minus_lungs(shown / 255.0) > 0.1  # bright = dense, not inverted
 
 
-def test_the_uncompressed_and_jpeg2000_copies_give_the_same_display() -> None:
+def test_the_uncompressed_and_jpeg2000_copies_give_the_same_display_at_half_resolution() -> None:
     uncompressed = png_pixels(display_from_dicom(read_bytes("RG1_UNCR.dcm"), 1024))
-    assert uncompressed.shape == (1024, 964)  # 1955 x 1841 with its long side at 1024
-    assert np.array_equal(png_pixels(display_from_dicom(read_bytes("RG1_J2KR.dcm"), 1024)), uncompressed)
+    assert uncompressed.shape == (978, 921)  # 1955 x 1841 read at half resolution (2 x 2 block means), not resized
+    j2k = png_pixels(display_from_dicom(read_bytes("RG1_J2KR.dcm"), 1024))  # one JPEG 2000 reduce level
+    assert j2k.shape == uncompressed.shape
+    diff = np.abs(j2k.astype(np.float64) - uncompressed)
+    assert float(diff.mean()) < 1.5 and correlation(j2k, uncompressed) > 0.999
     assert centre_minus_lungs(uncompressed / 255.0) > 0.1  # MONOCHROME1 inverted
+    full = decode_radiograph(read_bytes("RG1_UNCR.dcm")).pixels * 255.0  # the full-resolution decode, shrunk
+    assert correlation(uncompressed, resized(full, 921, 978)) > 0.999
 
 
 def test_a_lateral_view_admitted_by_ingestion_still_gets_its_display() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from serving_fixtures import ensemble_dir, nih_blobs
 
 from cxr.core.errors import ManifestError
-from cxr.core.wire import encode_input
+from cxr.core.wire import encode_input, encode_npy
 from cxr.models.bundle import load_ensemble
 from cxr.serving.runner import EnsembleRunner
 from services.inference import handler as handler_module
@@ -68,7 +67,7 @@ def test_batch_of_good_requests_gets_one_result_each_in_order(
 def test_probabilities_equal_direct_ensemble_forward(handler: CxrEnsembleHandler, ensemble_dir: Path) -> None:
     blobs = nih_blobs(2)
     _, net = load_ensemble(ensemble_dir)
-    x = torch.from_numpy(np.stack([np.load(io.BytesIO(b), allow_pickle=False) for b in blobs]))
+    x = torch.from_numpy(np.stack([handler._runner().decode_request(b) for b in blobs]))
     with torch.no_grad():
         expected = torch.sigmoid(net(x)).numpy()
     docs = [json.loads(r) for r in handler.handle([{"data": b} for b in blobs], MockContext(Path("unused")))]
@@ -162,3 +161,29 @@ def test_module_satisfies_torchserve_loader_rules() -> None:
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "ts" not in imported and "cxr" in imported
+
+
+def test_wire_layout_errors_are_answered_per_request(handler: CxrEnsembleHandler) -> None:
+    good = nih_blobs(1)[0]
+    wrong_version = good[:4] + bytes([9]) + good[5:]
+    wrong_dtype = good[:5] + bytes([3]) + good[6:]
+    requests: list[dict[str, Any]] = [
+        {"data": good[:-2]},  # one float16 pixel short
+        {"data": wrong_version},
+        {"data": wrong_dtype},
+        {"data": encode_npy(handler._runner().decode_request(good))},  # legacy npy: still served
+        {"data": good},
+    ]
+    ctx = MockContext(Path("unused"))
+    docs = [json.loads(r) for r in handler.handle(requests, ctx)]
+    messages = [docs[i]["error"]["message"] for i in range(3)]
+    assert "bytes, got" in messages[0] and "version 9" in messages[1] and "dtype code 3" in messages[2]
+    assert ctx.statuses == {i: (400, "BAD_MODEL_INPUT") for i in range(3)}
+    np.testing.assert_allclose(docs[3]["probabilities"], docs[4]["probabilities"], atol=1e-6)
+
+
+def test_answers_are_compact_json(handler: CxrEnsembleHandler) -> None:
+    (answer,) = handler.handle([{"data": nih_blobs(1)[0]}], MockContext(Path("unused")))
+    document = json.loads(answer)
+    assert document["findings"] and answer == json.dumps(document, separators=(",", ":"))  # no padding spaces
+    assert len(answer) < len(json.dumps(document))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from serving_fixtures import SIZE, ensemble_dir, nih_inputs
 
 from cxr.core.errors import InvalidInputError, ManifestError
 from cxr.core.manifest import read_manifest, write_manifest
-from cxr.core.wire import encode_input
+from cxr.core.wire import encode_input, encode_npy
 from cxr.models.bundle import load_ensemble
 from cxr.models.testing import make_random_ensemble
 from cxr.serving.runner import EnsembleRunner, error_document
@@ -21,6 +22,12 @@ from cxr.serving.runner import EnsembleRunner, error_document
 pytestmark = pytest.mark.unit
 
 __all__ = ["ensemble_dir"]  # fixtures used by name
+
+
+def _raw_npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,8 @@ def test_decode_request_round_trips_a_real_image(runner: EnsembleRunner) -> None
     x = nih_inputs(1)[0]
     decoded = runner.decode_request(encode_input(x))
     assert decoded.shape == (1, SIZE, SIZE) and decoded.dtype == np.float32
-    np.testing.assert_array_equal(decoded, x)
+    np.testing.assert_allclose(decoded, x, rtol=2**-11, atol=0)  # float16 on the wire: half an ulp
+    np.testing.assert_array_equal(runner.decode_request(encode_npy(x)), x)  # the legacy npy layout, exact
 
 
 @pytest.mark.parametrize(
@@ -51,11 +59,12 @@ def test_decode_request_round_trips_a_real_image(runner: EnsembleRunner) -> None
     [
         b"not an npy file at all",
         encode_input(np.zeros((1, 32, 32), np.float32)),  # wrong size for this ensemble
-        encode_input(np.zeros((SIZE, SIZE), np.float32)),  # missing channel axis
+        encode_npy(np.zeros((SIZE, SIZE), np.float32)),  # missing channel axis (legacy npy)
+        _raw_npy(np.zeros((1, SIZE, SIZE), np.float64)),  # legacy npy of another dtype
         encode_input(np.full((1, SIZE, SIZE), np.nan, np.float32)),
         encode_input(np.zeros((1, SIZE, SIZE), np.float32))[:-100],  # truncated
     ],
-    ids=["garbage", "wrong-size", "no-channel", "nan", "truncated"],
+    ids=["garbage", "wrong-size", "no-channel", "npy-float64", "nan", "truncated"],
 )
 def test_decode_request_rejects_bad_blobs(runner: EnsembleRunner, blob: bytes) -> None:
     with pytest.raises(InvalidInputError) as info:

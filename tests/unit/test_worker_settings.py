@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,8 @@ def test_torch_threads_auto_splits_the_cpus_between_children(tmp_path: Path) -> 
     assert WorkerSettings(model_dir=tmp_path, torch_threads=3).threads_per_child() == 3
     auto = WorkerSettings(model_dir=tmp_path, concurrency=64).threads_per_child()
     assert auto >= 1
+    cpus = os.cpu_count() or 1  # one CPU of the child's share is left to the display decode thread
+    assert WorkerSettings(model_dir=tmp_path, concurrency=1).threads_per_child() == max(1, cpus - 1)
 
 
 def test_hostname_is_unique_per_process_unless_given(tmp_path: Path) -> None:
