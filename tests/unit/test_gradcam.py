@@ -185,7 +185,7 @@ def test_repeated_explanations_keep_memory_flat_and_leave_no_hooks(tiny: tuple[M
 def test_compute_heatmaps_on_a_real_radiograph(tiny: tuple[Manifest, EnsembleNet]) -> None:
     manifest, ensemble = tiny
     seen: list[float] = []
-    h = compute_heatmaps(ensemble, manifest, _image(64)[0].numpy(), grid=32, progress=seen.append)
+    h = compute_heatmaps(ensemble, manifest, _image(64)[0].numpy(), grid=32, progress=seen.append, fusion_rule="mean")
     n_models, n_labels = len(manifest.models), len(manifest.labels)
     assert h.per_model.shape == (n_models, n_labels, 32, 32) and h.fused.shape == h.std.shape == (n_labels, 32, 32)
     assert (h.labels, h.models) == (manifest.labels, manifest.model_names) and "max-normalised" in h.method
