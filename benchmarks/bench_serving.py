@@ -16,7 +16,10 @@ Measures, for an uncompressed DICOM (RG1_UNCR.dcm) and the JPEG 2000 one (RG1_J2
     model_log.log);
   - resident memory (RSS, process tree) of each service at rest and after the load;
   - explanation time per job (Analyze answered -> WatchExplanation reports DONE) vs a bare forward.
-The benchmark process and TorchServe's worker use the same torch thread count (--threads, CXR_TORCH_THREADS).
+The benchmark process and each TorchServe worker use the same torch thread count (--threads, CXR_TORCH_THREADS;
+by default the stack's own: CPUs // CXR_TS_WORKERS); the bare batched forward is also measured with all CPUs.
+All processes keep freed memory mapped (cxr.cpu_allocator), as the services do. The CPU each process spent per
+image during the load run is reported, to show where the time goes.
 Prints a table and writes benchmarks/results/serving.json. Model: CXR_MODEL_DIR / --model-dir, else
 model_store/cxr-nih14-imagenet if present, else a random demo-like ensemble (densenet121, efficientnet_b0,
 mobilenet_v3_large at 224 px). Research software: NOT FOR CLINICAL USE.
@@ -201,6 +204,37 @@ def service_memory_mb(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def service_cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each service's process tree has used so far (TorchServe split as in
+    ``service_memory_mb``), and this benchmark process's (the load-generating clients, during the load run)."""
+    import psutil
+
+    def cpu(p: Any) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    out: dict[str, float] = {"benchmark_clients": cpu(psutil.Process())}
+    for name, pid in pids.items():
+        try:
+            proc = psutil.Process(pid)
+            tree = [proc, *proc.children(recursive=True)]
+            used = {p.pid: cpu(p) for p in tree}
+        except psutil.Error:
+            continue
+        if name == "torchserve":
+            workers = [p.pid for p in tree if p.pid != pid and "python" in p.name().lower()]
+            out["torchserve_python_workers"] = sum(used[w] for w in workers)
+            out["torchserve_frontend"] = sum(used.values()) - out["torchserve_python_workers"]
+        else:
+            out[name] = sum(used.values())
+    return out
+
+
+def cpu_per_image_ms(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
+    """CPU milliseconds per image each process spent between two ``service_cpu_s`` readings."""
+    return {k: (after[k] - before[k]) * 1000.0 / images for k in after if k in before}
+
+
 def throughput(address: str, data: bytes, clients: int, per_client: int) -> dict[str, Any]:
     """``clients`` concurrent clients, each ``per_client`` Analyze calls (skip cache and explanation)."""
     from cxr.client import IngestionClient
@@ -256,6 +290,10 @@ def print_table(report: dict[str, Any]) -> None:
           f"{json.dumps({k: round(v, 2) for k, v in t['bare_batched_p50_images_per_s'].items()})}; "
           f"stack / bare = {t['ratio_to_bare_batched']:.2f} "
           f"(goal >= {THROUGHPUT_GOAL}: {verdict}); TorchServe batches (size: count) {t['batch_sizes']}")  # fmt: skip
+    if t.get("cpu_ms_per_image"):
+        cpu = {k: round(v, 1) for k, v in t["cpu_ms_per_image"].items()}
+        print(f"CPU ms per image during the load run (wall {1000.0 / t['images_per_s']:.1f} ms per image, "
+              f"{os.cpu_count()} CPUs): {json.dumps(cpu)}; all {sum(cpu.values()):.1f}")  # fmt: skip
     for phase in ("memory_at_rest_mb", "memory_after_load_mb"):
         print(f"{phase}: {json.dumps({k: round(v) for k, v in report[phase].items()})}")
     e = report["explanation"]
@@ -282,9 +320,11 @@ def run(args: argparse.Namespace, stack: Stack, model_dir: Path) -> dict[str, An
     import torch
 
     from cxr.client import IngestionClient
+    from cxr.cpu_allocator import keep_freed_memory
     from cxr.serving.runner import EnsembleRunner
 
     address = stack.address
+    keep_freed_memory()  # as TorchServe's worker and ingestion do: the bare forward gets the same allocator
     torch.set_num_threads(args.threads)
     runner = EnsembleRunner.load(model_dir)
     handler = in_process_handler(model_dir)
@@ -307,7 +347,9 @@ def run(args: argparse.Namespace, stack: Stack, model_dir: Path) -> dict[str, An
         thread_counts = sorted({args.threads, os.cpu_count() or 1})
         bare = bare_batched(runner, uncompressed, args.bare_runs, thread_counts)
         log_start = stack.model_log.stat().st_size if stack.model_log and stack.model_log.is_file() else 0
+        cpu_before = service_cpu_s(stack.pids)
         t = throughput(address, uncompressed, args.clients, args.per_client)
+        t["cpu_ms_per_image"] = cpu_per_image_ms(cpu_before, service_cpu_s(stack.pids), t["requests"])
         t["batch_sizes"] = batch_sizes(stack.model_log, log_start)
         for key, rates in bare_batched(runner, uncompressed, args.bare_runs, thread_counts).items():
             bare[key] += rates  # before and after the load, as the machine's load drifts
@@ -344,13 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("CXR_TORCH_THREADS") or os.cpu_count() or 1),
-        help="torch threads of this process and of TorchServe's worker (CXR_TORCH_THREADS)",
+        help="torch threads of this process and of each TorchServe worker (CXR_TORCH_THREADS; default: the "
+        "stack's own choice, CPUs // CXR_TS_WORKERS)",
     )
     p.add_argument("--explanations", type=int, default=3)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.threads is None:
+        from cxr.stack.settings import StackSettings
+        from cxr.stack.torchserve_ctl import torchserve_threads
+
+        args.threads = int(torchserve_threads(StackSettings.from_env()))
     os.environ["CXR_TORCH_THREADS"] = str(args.threads)  # TorchServe's worker (own stack) uses the same count
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         model_dir = choose_model(args.model_dir, Path(tmp))

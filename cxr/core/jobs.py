@@ -59,6 +59,12 @@ def job_key(job_id: str) -> str:
     return f"cxr:job:{job_id}"
 
 
+def events_channel(job_id: str) -> str:
+    """Redis pub/sub channel on which the worker announces each change of a job's state (the message: the new
+    status). Watchers wake on it instead of waiting for their next poll; the hash stays the only truth."""
+    return f"{job_key(job_id)}:events"
+
+
 def blob_key(job_id: str, name: str) -> str:
     """Key of one of a job's blobs (a name of ``JOB_BLOBS``). Raises ValueError for any other name."""
     if name not in JOB_BLOBS:

@@ -22,6 +22,8 @@ CXR_DICOM_AE_TITLE             CXR                            the SCP's AE title
 CXR_STACK_START_TIMEOUT_S      180                            bound on each service's wait for readiness
 CXR_STACK_STOP_GRACE_S         20                             SIGTERM -> SIGKILL grace per service
 CXR_REDIS_MAXMEMORY            1gb                            redis-server memory limit (noeviction, AOF on)
+CXR_TS_WORKERS                 2                              TorchServe Python workers (each holds the ensemble)
+CXR_TORCH_THREADS              CPUs // CXR_TS_WORKERS         torch threads of each TorchServe worker
 ============================== ============================== ==========================================
 """
 
@@ -78,13 +80,16 @@ class StackSettings:
     start_timeout_s: float = 180.0
     stop_grace_s: float = 20.0
     redis_maxmemory: str = DEFAULT_MAXMEMORY  # cxr.stack.redis_config
+    # Two workers of one torch thread each beat one worker of two threads on the 2-core machine: 17.1 vs 13.6
+    # images/s with 8 clients, and 61 vs 102 CPU ms per image in TorchServe (docs/BENCHMARKS.md, issue 9).
+    ts_workers: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> StackSettings:
         """Read the settings from ``env`` (default ``os.environ``); relative paths resolve against ``cwd``.
 
-        Raises BadSettingError for a port that is not an integer in 1..65535, a duplicated port, or a
-        non-positive timeout."""
+        Raises BadSettingError for a port that is not an integer in 1..65535, a duplicated port, a
+        non-positive timeout, or a worker count outside 1..64."""
         env = os.environ if env is None else env
         cwd = Path.cwd() if cwd is None else cwd
         ports = {name: _port(env, var, default) for name, (var, default) in _PORT_ENV.items()}
@@ -95,6 +100,7 @@ class StackSettings:
             stop_grace_s=_seconds(env, "CXR_STACK_STOP_GRACE_S", 20.0),
             redis_maxmemory=_memory(env, "CXR_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
             dicom_ae_title=_ae_title(env, "CXR_DICOM_AE_TITLE", DEFAULT_DICOM_AE_TITLE),
+            ts_workers=_count(env, "CXR_TS_WORKERS", 2, most=64),
             **ports,
         )
         settings.check_distinct_ports()
@@ -251,6 +257,19 @@ def _ae_title(env: Mapping[str, str], var: str, default: str) -> str:
     if len(raw) > 16 or "\\" in raw or not raw.isprintable():
         raise BadSettingError(f"{var}={raw!r} is not an AE title (1-16 printable characters, no backslash)")
     return raw
+
+
+def _count(env: Mapping[str, str], var: str, default: int, *, most: int) -> int:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadSettingError(f"{var}={raw!r} is not a whole number") from None
+    if not 1 <= value <= most:
+        raise BadSettingError(f"{var}={value} is outside 1..{most}")
+    return value
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:

@@ -93,7 +93,7 @@ def read_png(blob: bytes) -> np.ndarray:
 class ExplanationView:
     """Reads explanation jobs. ``stop`` ends every watch promptly (server shutdown)."""
 
-    def __init__(self, store: ResultStore, *, poll_s: float = 0.15, watch_max_s: float = 900.0) -> None:
+    def __init__(self, store: ResultStore, *, poll_s: float = 0.25, watch_max_s: float = 900.0) -> None:
         self._store = store
         self._poll_s = poll_s
         self._watch_max_s = watch_max_s
@@ -133,20 +133,25 @@ class ExplanationView:
         self, job_id: str, *, time_remaining: Callable[[], float | None], is_active: Callable[[], bool]
     ) -> Iterator[pb.ExplanationProgress]:
         """Yield the job's progress on every change until DONE/FAILED/SKIPPED, the caller's deadline, the
-        watch limit or shutdown. Raises JobNotFoundError for an unknown (or meanwhile expired) job."""
+        watch limit or shutdown. Raises JobNotFoundError for an unknown (or meanwhile expired) job.
+
+        The job hash is read again when the worker announces a change on the job's events channel, and at
+        least every ``poll_s`` (a missed announcement, or a Redis without pub/sub, only delays an update)."""
         remaining = time_remaining()
         limit = self._watch_max_s if remaining is None else min(self._watch_max_s, remaining)
         deadline = time.monotonic() + limit
         last: pb.ExplanationProgress | None = None
-        while True:
-            progress = progress_message(job_id, self._state(job_id))
-            if progress != last:
-                yield progress
-                last = progress
-            if progress.status in TERMINAL or not is_active() or time.monotonic() >= deadline:
-                return
-            if self.stop.wait(self._poll_s):
-                return
+        with self._store.job_events(job_id) as events:  # subscribed before the first read: no change is missed
+            while True:
+                progress = progress_message(job_id, self._state(job_id))
+                if progress != last:
+                    yield progress
+                    last = progress
+                if progress.status in TERMINAL or not is_active() or time.monotonic() >= deadline:
+                    return
+                events.wait(max(0.0, min(self._poll_s, deadline - time.monotonic())))
+                if self.stop.is_set():
+                    return
 
     def _label(self, finding: dict[str, Any], heatmaps: HeatmapSet | None, display: np.ndarray | None) -> Any:
         item = pb.LabelExplanation(

@@ -8,6 +8,7 @@ it or none of it. Redis being unreachable is ``StoreUnavailableError`` (UNAVAILA
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from cxr.core.jobs import (
     JobStatus,
     blob_key,
     dicom_key,
+    events_channel,
     findings_key,
     input_key,
     job_key,
@@ -172,8 +174,49 @@ class ResultStore:
             return None
         return {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
 
+    @contextmanager
+    def job_events(self, job_id: str) -> Iterator[JobEvents]:
+        """A subscription to the job's events channel (``cxr.core.jobs.events_channel``) for the block; closed
+        after. Never raises: without Redis pub/sub the subscription only sleeps (watchers then poll)."""
+        events = JobEvents(self._redis, events_channel(job_id))
+        try:
+            yield events
+        finally:
+            events.close()
+
     def job_blob(self, job_id: str, name: str) -> bytes | None:
         """One of the job's blobs, or None when absent."""
         with store_errors():
             value = self._redis.get(blob_key(job_id, name))
         return None if value is None else bytes(value)  # type: ignore[arg-type]
+
+
+class JobEvents:
+    """One job's events channel: ``wait`` returns on the next announced change or after the timeout."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._pubsub: redis.client.PubSub | None = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            self._pubsub.subscribe(channel)
+        except redis.exceptions.RedisError as e:
+            logger.info("no job events (%s): watching by polling only", type(e).__name__)
+            self.close()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until a change is announced (True) or ``timeout_s`` passed (False)."""
+        if self._pubsub is not None:
+            try:
+                return self._pubsub.get_message(timeout=timeout_s) is not None
+            except redis.exceptions.RedisError as e:
+                logger.info("job events lost (%s): watching by polling only", type(e).__name__)
+                self.close()
+        time.sleep(timeout_s)
+        return False
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except redis.exceptions.RedisError:
+                pass
+            self._pubsub = None

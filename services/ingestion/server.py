@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cxr.core.errors import DependencyUnavailableError
 from cxr.core.manifest import Manifest, read_manifest
+from cxr.cpu_allocator import keep_freed_memory
 from cxr.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from cxr.shutdown import stop_on_signals
 from services.ingestion.dependencies import ModelProbe, dependency_checks
@@ -154,6 +155,7 @@ class IngestionServer:
 
 def serve(settings: IngestionSettings) -> int:
     """Run until SIGTERM/SIGINT; 0 after a graceful stop, 1 when dependencies never became ready."""
+    keep_freed_memory()  # decoding allocates several MB per upload: keep it mapped (cxr.cpu_allocator)
     stop = stop_on_signals(settings.grace_s)
     server = IngestionServer(settings)
     server.start()

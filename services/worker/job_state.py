@@ -23,6 +23,7 @@ from cxr.core.jobs import (
     check_job_id,
     dicom_key,
     display_key,
+    events_channel,
     findings_key,
     heatmaps_key,
     input_key,
@@ -72,7 +73,8 @@ class JobStore:
         pipe.hincrby(job_key(job_id), "attempts", 1)
         pipe.hset(job_key(job_id), mapping=self._fields(JobStatus.RUNNING, message, 0.0))
         pipe.pttl(job_key(job_id))
-        attempts, _, ttl = pipe.execute()
+        pipe.publish(events_channel(job_id), JobStatus.RUNNING.value)
+        attempts, _, ttl, _ = pipe.execute()
         if int(ttl) < 0:  # the hash expired after read() and HINCRBY recreated it: give it a TTL again
             self._redis.expire(job_key(job_id), self._ttl_s)
         return int(attempts)
@@ -120,6 +122,7 @@ class JobStore:
                 job_key(job_id), mapping=self._fields(JobStatus.DONE, "explanations ready", 1.0, failure_reason="")
             )
             pipe.pexpire(job_key(job_id), ttl_ms)
+            pipe.publish(events_channel(job_id), JobStatus.DONE.value)
 
         self._redis.transaction(write, job_key(job_id))  # WATCH: a purge in between aborts and re-checks
 
@@ -139,6 +142,7 @@ class JobStore:
                 raise NotFoundError("job unknown, expired or purged", reason="JOB_NOT_FOUND")
             pipe.multi()
             pipe.hset(job_key(job_id), mapping=fields)
+            pipe.publish(events_channel(job_id), fields["status"])
 
         self._redis.transaction(write, job_key(job_id))
 

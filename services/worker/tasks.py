@@ -43,6 +43,7 @@ from cxr.core.errors import (
 )
 from cxr.core.manifest import Manifest
 from cxr.core.wire import decode_input
+from cxr.cpu_allocator import keep_freed_memory
 from cxr.dicom_results.findings import header_bytes
 from cxr.explain.compute import compute_heatmaps
 from cxr.explain.display import display_from_dicom
@@ -105,8 +106,10 @@ def job_store() -> JobStore:
 
 
 def init_child() -> CxrError | None:
-    """In a new pool child: set torch threads, load the ensemble once. Returns the load error, if any."""
+    """In a new pool child: keep freed memory (no page faults per job), set torch threads, load the ensemble
+    once. Returns the load error, if any."""
     s = settings()
+    keep_freed_memory()
     torch.set_num_threads(s.threads_per_child())
     try:
         _state.manifest, _state.ensemble = load_ensemble(s.model_dir)

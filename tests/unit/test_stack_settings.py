@@ -93,11 +93,31 @@ def test_env_overrides_ports_and_resolves_relative_paths(tmp_path: Path) -> None
         ({"CXR_STACK_STOP_GRACE_S": "-1"}, "must be > 0"),
         ({"CXR_STACK_START_TIMEOUT_S": "soon"}, "not a number"),
         ({"CXR_INGESTION_PORT": "9152"}, "both CXR_INGESTION_PORT and CXR_WORKER_METRICS_PORT"),
+        ({"CXR_TS_WORKERS": "two"}, "CXR_TS_WORKERS='two' is not a whole number"),
+        ({"CXR_TS_WORKERS": "0"}, "CXR_TS_WORKERS=0 is outside 1..64"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, env: dict[str, str], needle: str) -> None:
     with pytest.raises(BadSettingError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         StackSettings.from_env(env, cwd=tmp_path)
+
+
+def test_torchserve_workers_share_the_cpus_unless_threads_are_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxr.stack.torchserve_ctl import torchserve, torchserve_threads
+
+    monkeypatch.delenv("CXR_TORCH_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    s = StackSettings.from_env({"CXR_HOME": str(tmp_path), "CXR_TS_WORKERS": "3"}, cwd=tmp_path)
+    assert (s.ts_workers, torchserve_threads(s)) == (3, "2")
+    assert StackSettings.from_env({}, cwd=tmp_path).ts_workers == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert torchserve_threads(s) == "1"  # never 0
+    monkeypatch.setenv("CXR_TORCH_THREADS", "5")
+    assert torchserve_threads(s) == "5"
+    ts = torchserve(s).settings
+    assert ts.default_workers == 3 and ts.extra_env == {"CXR_TORCH_THREADS": "5"}
 
 
 def test_model_summary_says_what_the_model_is(tmp_path: Path) -> None:
