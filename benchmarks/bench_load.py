@@ -11,7 +11,8 @@ Instance UID (one association per client, reused, as a PACS does). Files: the fo
 Reports throughput, p50 / p95 / p99 latency per door, outcomes (``ok``; ``overloaded`` = the deliberate
 RESOURCE_EXHAUSTED / 0xA700 refusals of a full stack; anything else is an error), and the resident memory of
 each service (its whole process group: TorchServe's Java frontend and Python workers, the Celery pool) at the
-start and the end. Prints a table and writes benchmarks/results/load.json (or ``--json``). Exit 1 on any error.
+start, every --memory-every seconds (a trend shows growth) and at the end. Prints a table and writes
+benchmarks/results/load.json (or ``--json``). Exit 1 on any error.
 Research software: NOT FOR CLINICAL USE.
 """
 
@@ -188,6 +189,21 @@ def summarise(tally: Tally, elapsed_s: float) -> dict[str, Any]:
             "max_ms": round(float(ms.max()), 1) if len(ms) else None}  # fmt: skip
 
 
+def sample_memory(
+    state: dict[str, Any], threads: list[threading.Thread], t0: float, every_s: float
+) -> list[dict[str, Any]]:
+    """Every ``every_s`` seconds until the client threads end: {"t_s", service: MiB} (growth shows as a trend)."""
+    samples: list[dict[str, Any]] = []
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=max(0.0, t0 + (len(samples) + 1) * every_s - time.monotonic()))
+            if time.monotonic() >= t0 + (len(samples) + 1) * every_s:
+                break
+        if any(t.is_alive() for t in threads):
+            samples.append({"t_s": round(time.monotonic() - t0), **service_memory_mb(state)})
+    return samples
+
+
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     state = read_stack(home)
     files = [(DICOM / name).read_bytes() for name in FILES]
@@ -206,8 +222,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    samples = sample_memory(state, threads, t0, args.memory_every)
     elapsed = time.monotonic() - t0
     memory_end = service_memory_mb(read_stack(home))
     by_door = {door: summarise(tally, elapsed) for door, tally in tallies.items()}
@@ -222,8 +237,9 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         "throughput_per_s": round(sum(d["ok"] for d in by_door.values()) / elapsed, 3),
         "all": summarise(Tally(latencies_s=[s for t in tallies.values() for s in t.latencies_s],
                                outcomes=outcomes), elapsed),
-        "by_door": by_door, "memory_mb": {"start": memory_start, "end": memory_end},
+        "by_door": by_door, "memory_mb": {"start": memory_start, "end": memory_end, "during": samples},
         "model": state.get("model", {}).get("name"), "explain": args.explain, "files": list(FILES),
+        "memory_every_s": args.memory_every,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }  # fmt: skip
 
@@ -235,9 +251,12 @@ def print_table(report: dict[str, Any]) -> None:
     for door, d in [*report["by_door"].items(), ("all", report["all"])]:
         print(f"{door:<8}{d['ok']:>7}{d['throughput_per_s']:>9.2f}{d['p50_ms'] or 0:>10.0f}{d['p95_ms'] or 0:>10.0f}"
               f"{d['p99_ms'] or 0:>10.0f}  {json.dumps(d['outcomes'])}")  # fmt: skip
-    print(f"{'service':<12}{'RSS start MiB':>15}{'RSS end MiB':>13}")
+    during = report["memory_mb"]["during"]
+    every = report["memory_every_s"]
+    print(f"{'service':<12}{'RSS start MiB':>15}{'RSS end MiB':>13}  during the run (every {every:g} s)")
     for name, start in report["memory_mb"]["start"].items():
-        print(f"{name:<12}{start:>15.0f}{report['memory_mb']['end'].get(name, 0):>13.0f}")
+        series = " ".join(f"{s.get(name, 0):.0f}" for s in during)
+        print(f"{name:<12}{start:>15.0f}{report['memory_mb']['end'].get(name, 0):>13.0f}  {series}")
     print(f"errors: {report['errors']}, deliberate overload refusals: {report['overloaded']}")
 
 
@@ -251,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=120.0, help="seconds (bound)")
     p.add_argument("--max-requests", type=int, default=5000, help="requests in all (bound)")
     p.add_argument("--explain", action="store_true", help="also queue the explanations")
+    p.add_argument("--memory-every", type=float, default=30.0, help="seconds between memory samples")
     p.add_argument("--json", type=Path, default=RESULTS, help="where to write the JSON report")
     args = p.parse_args(argv)
     if args.start:

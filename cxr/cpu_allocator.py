@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
 
-def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process -> True when glibc accepted both (False on
-    another C library, where nothing changes)."""
+def keep_freed_memory(max_arenas: int | None = None) -> bool:
+    """Raise glibc's mmap and trim thresholds for this process -> True when glibc accepted them (False on
+    another C library, where nothing changes). ``max_arenas`` bounds glibc's per-thread arenas (each keeps its
+    own freed memory): for a process with many threads, such as a gRPC server."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -32,5 +34,7 @@ def keep_freed_memory() -> bool:
         log.info("no glibc mallopt: allocator left as it is")
         return False
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if max_arenas is not None:
+        ok = ok and mallopt(M_ARENA_MAX, max_arenas) == 1
     log.debug("glibc mallopt thresholds raised: %s", ok)
     return bool(ok)

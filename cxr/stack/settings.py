@@ -100,7 +100,7 @@ class StackSettings:
             stop_grace_s=_seconds(env, "CXR_STACK_STOP_GRACE_S", 20.0),
             redis_maxmemory=_memory(env, "CXR_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
             dicom_ae_title=_ae_title(env, "CXR_DICOM_AE_TITLE", DEFAULT_DICOM_AE_TITLE),
-            ts_workers=_count(env, "CXR_TS_WORKERS", 2, most=64),
+            ts_workers=_whole(env, "CXR_TS_WORKERS", 2, low=1, high=64, what="a whole number"),
             **ports,
         )
         settings.check_distinct_ports()
@@ -229,16 +229,20 @@ def _path(value: str | None, cwd: Path, default: Path) -> Path:
 
 
 def _port(env: Mapping[str, str], var: str, default: int) -> int:
+    return _whole(env, var, default, low=1, high=65535, what="a port number")
+
+
+def _whole(env: Mapping[str, str], var: str, default: int, *, low: int, high: int, what: str) -> int:
     raw = env.get(var, "").strip()
     if not raw:
         return default
     try:
-        port = int(raw)
+        value = int(raw)
     except ValueError:
-        raise BadSettingError(f"{var}={raw!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise BadSettingError(f"{var}={port} is outside 1..65535")
-    return port
+        raise BadSettingError(f"{var}={raw!r} is not {what}") from None
+    if not low <= value <= high:
+        raise BadSettingError(f"{var}={value} is outside {low}..{high}")
+    return value
 
 
 def _memory(env: Mapping[str, str], var: str, default: str) -> str:
@@ -257,19 +261,6 @@ def _ae_title(env: Mapping[str, str], var: str, default: str) -> str:
     if len(raw) > 16 or "\\" in raw or not raw.isprintable():
         raise BadSettingError(f"{var}={raw!r} is not an AE title (1-16 printable characters, no backslash)")
     return raw
-
-
-def _count(env: Mapping[str, str], var: str, default: int, *, most: int) -> int:
-    raw = env.get(var, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadSettingError(f"{var}={raw!r} is not a whole number") from None
-    if not 1 <= value <= most:
-        raise BadSettingError(f"{var}={value} is outside 1..{most}")
-    return value
 
 
 def _seconds(env: Mapping[str, str], var: str, default: float) -> float:

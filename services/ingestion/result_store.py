@@ -123,6 +123,16 @@ class ResultStore:
         if limit and used >= limit * (1 - FULL_MARGIN):
             raise StoreFullError(f"the result store (Redis) is full: {used / limit:.0%} of its memory limit in use")
 
+    def _check_room(self, size: int) -> None:
+        memory = self._redis.info("memory")
+        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))  # type: ignore[union-attr]
+        if limit and used + size > limit * (1 - FULL_MARGIN):
+            logger.warning("new job refused: Redis would be within %.0f%% of its memory limit", FULL_MARGIN * 100)
+            raise StoreFullError(
+                f"the result store (Redis) is nearly full ({used / limit:.0%} of its memory limit): new work waits "
+                "until queued explanations finish or expire; nothing was stored, retry later"
+            )
+
     def cached_response(self, key: str) -> bytes | None:
         """The stored AnalyzeResponse bytes under ``key``, or None."""
         with store_errors():
@@ -131,13 +141,20 @@ class ResultStore:
 
     def save(self, job: NewJob) -> None:
         """Write result, job hash and blobs (``:dicom`` only when given) and add the job to its study's index,
-        atomically, all with the store's TTL (the index lives as long as the study's newest job)."""
+        atomically, all with the store's TTL (the index lives as long as the study's newest job).
+
+        Raises StoreFullError, writing nothing, when Redis refuses the write or when the job would take Redis
+        within ``FULL_MARGIN`` of its memory limit: that room is left to the workers, whose writes finish queued
+        explanations and so free their uploads. A Redis filled by new jobs would refuse the workers' writes and
+        Celery's own acknowledgements (Celery then stops the worker: "Unrecoverable error: OutOfMemoryError",
+        seen in a load run) until TTLs freed memory."""
         message = "explanation not requested" if job.status == JobStatus.SKIPPED else "waiting for a worker"
         state = new_job_fields(
             job.status, message, model_name=job.model_name, model_version=job.model_version,
             explanation_method=job.explanation_method,
         )  # fmt: skip
         with store_errors():
+            self._check_room(sum(len(b) for b in (job.model_input, job.dicom or b"", job.findings_json, job.response)))
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(job_key(job.job_id), mapping=state)  # type: ignore[arg-type]
             pipe.expire(job_key(job.job_id), self.ttl_s)

@@ -123,6 +123,35 @@ def test_a_full_redis_refuses_new_work_with_store_full_and_never_evicts_queued_w
         server.stop()
 
 
+def test_uploads_stop_short_of_the_limit_so_that_queued_explanations_can_finish(
+    ensemble: tuple[Path, Manifest], torchserve: TorchServe, tmp_path: Path
+) -> None:
+    server = DurableRedis(tmp_path / "redis", maxmemory="32mb")
+    server.start()
+    client = server.client()
+    try:
+        with running_server(settings_for(ensemble[0], server.url, torchserve)) as svc:
+            upload = edited_dicom("nih_no_finding_dx.dcm")
+            limit = int(client.info("memory")["maxmemory"])
+
+            def used() -> int:
+                return int(client.info("memory")["used_memory"])
+
+            i = 0
+            while used() + len(upload) <= limit * 0.96:
+                client.set(f"filler:{i}", b"x" * 64 * 1024)
+                i += 1
+            assert used() + len(upload) < limit  # Redis itself would still take this upload
+            r = refusal(lambda: analyze_file(svc.stub, upload))
+            assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "STORE_FULL")
+            assert "nearly full" in r.details and not queued_job_ids(client)
+            client.set("a-worker-write", b"x" * 256 * 1024)  # the room left is the workers': their writes pass
+            assert analyze_file(svc.stub, upload, skip_explanation=True).findings  # a small job still fits: answered
+    finally:
+        client.close()
+        server.stop()
+
+
 def fill_until_oom(client: redis.Redis, value_bytes: int = 64 * 1024) -> int:
     """Write keys without a TTL until Redis refuses (maxmemory, noeviction); return how many were written."""
     for i in range(10_000):
