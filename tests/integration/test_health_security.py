@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,7 @@ def test_health_turns_not_serving_while_torchserve_hangs_and_serving_once_it_ans
 def test_a_full_redis_refuses_new_work_with_store_full_and_never_evicts_queued_work(
     ensemble: tuple[Path, Manifest], torchserve: TorchServe, tmp_path: Path
 ) -> None:
-    server = DurableRedis(tmp_path / "redis", maxmemory="8mb")
-    server.start()
-    client = server.client()
-    try:
+    with limited_redis(tmp_path, "8mb") as (server, client):
         with running_server(settings_for(ensemble[0], server.url, torchserve)) as svc:
             queued = analyze_file(svc.stub, edited_dicom("siim_pneumothorax_negative.dcm"))
             assert queued_job_ids(client) == [queued.job_id]
@@ -118,18 +116,12 @@ def test_a_full_redis_refuses_new_work_with_store_full_and_never_evicts_queued_w
             client.delete(*[f"filler:{i}" for i in range(filled)])  # memory freed (as TTLs do)
             wait_health(svc.channel, SERVING, HEALTH_BOUND_S)
             assert analyze_file(svc.stub, edited_dicom("nih_no_finding_dx.dcm")).job_id
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_uploads_stop_short_of_the_limit_so_that_queued_explanations_can_finish(
     ensemble: tuple[Path, Manifest], torchserve: TorchServe, tmp_path: Path
 ) -> None:
-    server = DurableRedis(tmp_path / "redis", maxmemory="32mb")
-    server.start()
-    client = server.client()
-    try:
+    with limited_redis(tmp_path, "32mb") as (server, client):
         with running_server(settings_for(ensemble[0], server.url, torchserve)) as svc:
             upload = edited_dicom("nih_no_finding_dx.dcm")
             limit = int(client.info("memory")["maxmemory"])
@@ -147,6 +139,16 @@ def test_uploads_stop_short_of_the_limit_so_that_queued_explanations_can_finish(
             assert "nearly full" in r.details and not queued_job_ids(client)
             client.set("a-worker-write", b"x" * 256 * 1024)  # the room left is the workers': their writes pass
             assert analyze_file(svc.stub, upload, skip_explanation=True).findings  # a small job still fits: answered
+
+
+@contextmanager
+def limited_redis(tmp_path: Path, maxmemory: str) -> Iterator[tuple[DurableRedis, redis.Redis]]:
+    """A durable redis-server of its own with a small memory limit, and a client of it; both stopped after."""
+    server = DurableRedis(tmp_path / "redis", maxmemory=maxmemory)
+    server.start()
+    client = server.client()
+    try:
+        yield server, client
     finally:
         client.close()
         server.stop()
