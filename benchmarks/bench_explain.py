@@ -267,9 +267,8 @@ def main() -> None:
     args = parser.parse_args()
     s = WorkerSettings(model_dir=args.model_dir.resolve(), torch_threads=args.threads, metrics_port=0)
     tasks.configure(s)
-    error = (
-        tasks.init_child()
-    )  # keeps freed memory, sets the torch threads and loads the ensemble, as a pool child does
+    # keeps freed memory, sets the torch threads and loads the ensemble, as a pool child does
+    error = tasks.init_child()
     if error is not None:
         raise SystemExit(f"cannot load {args.model_dir}: {error}")
     manifest, _ = tasks.loaded_ensemble()

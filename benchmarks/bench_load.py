@@ -192,16 +192,16 @@ def summarise(tally: Tally, elapsed_s: float) -> dict[str, Any]:
 def sample_memory(
     state: dict[str, Any], threads: list[threading.Thread], t0: float, every_s: float
 ) -> list[dict[str, Any]]:
-    """Every ``every_s`` seconds until the client threads end: {"t_s", service: MiB} (growth shows as a trend)."""
+    """Join the client threads, sampling every ``every_s`` seconds until they end: {"t_s", service: MiB} (growth
+    shows as a trend)."""
     samples: list[dict[str, Any]] = []
-    while any(t.is_alive() for t in threads):
+    while True:
+        next_at = t0 + (len(samples) + 1) * every_s
         for t in threads:
-            t.join(timeout=max(0.0, t0 + (len(samples) + 1) * every_s - time.monotonic()))
-            if time.monotonic() >= t0 + (len(samples) + 1) * every_s:
-                break
-        if any(t.is_alive() for t in threads):
-            samples.append({"t_s": round(time.monotonic() - t0), **service_memory_mb(state)})
-    return samples
+            t.join(timeout=max(0.0, next_at - time.monotonic()))
+        if not any(t.is_alive() for t in threads):
+            return samples
+        samples.append({"t_s": round(time.monotonic() - t0), **service_memory_mb(state)})
 
 
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:

@@ -183,8 +183,9 @@ def batch_sizes(model_log: Path | None, since: int) -> dict[str, int] | None:
     return {str(k): sizes.count(k) for k in sorted(set(sizes))}
 
 
-def service_memory_mb(pids: dict[str, int]) -> dict[str, float]:
-    """RSS in MiB of each service's process tree (TorchServe split into its Java frontend and Python workers)."""
+def per_service(pids: dict[str, int], measure: Callable[[Any], float]) -> dict[str, float]:
+    """``measure`` (of one psutil.Process) summed over each service's process tree, TorchServe split into its Java
+    frontend and its Python workers. A service whose processes are gone is left out."""
     import psutil
 
     out: dict[str, float] = {}
@@ -192,42 +193,35 @@ def service_memory_mb(pids: dict[str, int]) -> dict[str, float]:
         try:
             proc = psutil.Process(pid)
             tree = [proc, *proc.children(recursive=True)]
-            rss = {p.pid: p.memory_info().rss for p in tree}
+            values = {p.pid: measure(p) for p in tree}
+            workers = [p.pid for p in tree if p.pid != pid and "python" in p.name().lower()]
         except psutil.Error:
             continue
         if name == "torchserve":
-            workers = [p for p in tree if p.pid != pid and "python" in p.name().lower()]
-            out["torchserve_python_workers"] = sum(rss[p.pid] for p in workers) / 2**20
-            out["torchserve_frontend"] = (sum(rss.values()) - out["torchserve_python_workers"] * 2**20) / 2**20
+            out["torchserve_python_workers"] = sum(values[w] for w in workers)
+            out["torchserve_frontend"] = sum(values.values()) - out["torchserve_python_workers"]
         else:
-            out[name] = sum(rss.values()) / 2**20
+            out[name] = sum(values.values())
     return out
+
+
+def service_memory_mb(pids: dict[str, int]) -> dict[str, float]:
+    """RSS in MiB of each service's process tree (see ``per_service``)."""
+    return per_service(pids, lambda p: p.memory_info().rss / 2**20)
+
+
+def cpu_seconds(proc: Any) -> float:
+    """User + system CPU seconds a psutil.Process has used so far."""
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def service_cpu_s(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) each service's process tree has used so far (TorchServe split as in
-    ``service_memory_mb``), and this benchmark process's (the load-generating clients, during the load run)."""
+    """CPU seconds each service's process tree has used so far (see ``per_service``), and this benchmark
+    process's (the load-generating clients, during the load run)."""
     import psutil
 
-    def cpu(p: Any) -> float:
-        t = p.cpu_times()
-        return float(t.user + t.system)
-
-    out: dict[str, float] = {"benchmark_clients": cpu(psutil.Process())}
-    for name, pid in pids.items():
-        try:
-            proc = psutil.Process(pid)
-            tree = [proc, *proc.children(recursive=True)]
-            used = {p.pid: cpu(p) for p in tree}
-        except psutil.Error:
-            continue
-        if name == "torchserve":
-            workers = [p.pid for p in tree if p.pid != pid and "python" in p.name().lower()]
-            out["torchserve_python_workers"] = sum(used[w] for w in workers)
-            out["torchserve_frontend"] = sum(used.values()) - out["torchserve_python_workers"]
-        else:
-            out[name] = sum(used.values())
-    return out
+    return {"benchmark_clients": cpu_seconds(psutil.Process()), **per_service(pids, cpu_seconds)}
 
 
 def cpu_per_image_ms(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
@@ -395,9 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads is None:
         from cxr.stack.settings import StackSettings
-        from cxr.stack.torchserve_ctl import torchserve_threads
 
-        args.threads = int(torchserve_threads(StackSettings.from_env()))
+        args.threads = StackSettings.from_env().ts_threads_per_worker
     os.environ["CXR_TORCH_THREADS"] = str(args.threads)  # TorchServe's worker (own stack) uses the same count
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         model_dir = choose_model(args.model_dir, Path(tmp))

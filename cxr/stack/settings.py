@@ -23,7 +23,7 @@ CXR_STACK_START_TIMEOUT_S      180                            bound on each serv
 CXR_STACK_STOP_GRACE_S         20                             SIGTERM -> SIGKILL grace per service
 CXR_REDIS_MAXMEMORY            1gb                            redis-server memory limit (noeviction, AOF on)
 CXR_TS_WORKERS                 2                              TorchServe Python workers (each holds the ensemble)
-CXR_TORCH_THREADS              CPUs // CXR_TS_WORKERS         torch threads of each TorchServe worker
+CXR_TORCH_THREADS              0: CPUs // CXR_TS_WORKERS      torch threads of each TorchServe worker
 ============================== ============================== ==========================================
 """
 
@@ -83,13 +83,19 @@ class StackSettings:
     # Two workers of one torch thread each beat one worker of two threads on the 2-core machine: 17.1 vs 13.6
     # images/s with 8 clients, and 61 vs 102 CPU ms per image in TorchServe (docs/BENCHMARKS.md, issue 9).
     ts_workers: int = 2
+    ts_threads: int = 0  # torch threads of each TorchServe worker; 0: the CPUs shared among the workers
+
+    @property
+    def ts_threads_per_worker(self) -> int:
+        """``ts_threads`` when given, else the CPUs shared among the TorchServe workers (at least 1)."""
+        return self.ts_threads or max(1, (os.cpu_count() or 1) // self.ts_workers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> StackSettings:
         """Read the settings from ``env`` (default ``os.environ``); relative paths resolve against ``cwd``.
 
         Raises BadSettingError for a port that is not an integer in 1..65535, a duplicated port, a
-        non-positive timeout, or a worker count outside 1..64."""
+        non-positive timeout, or a worker count outside 1..64 (thread count: 0..1024, 0 = automatic)."""
         env = os.environ if env is None else env
         cwd = Path.cwd() if cwd is None else cwd
         ports = {name: _port(env, var, default) for name, (var, default) in _PORT_ENV.items()}
@@ -101,6 +107,7 @@ class StackSettings:
             redis_maxmemory=_memory(env, "CXR_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
             dicom_ae_title=_ae_title(env, "CXR_DICOM_AE_TITLE", DEFAULT_DICOM_AE_TITLE),
             ts_workers=_whole(env, "CXR_TS_WORKERS", 2, low=1, high=64, what="a whole number"),
+            ts_threads=_whole(env, "CXR_TORCH_THREADS", 0, low=0, high=1024, what="a whole number"),
             **ports,
         )
         settings.check_distinct_ports()

@@ -3,7 +3,6 @@ archive (rebuilt only when the ensemble or the handler changed), the instance's 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,9 @@ from cxr.stack.settings import TORCHSERVE_MODEL, StackSettings
 ARCHIVE = f"{TORCHSERVE_MODEL}.mar"
 
 
-def torchserve_threads(settings: StackSettings) -> str:
-    """Torch threads of each TorchServe worker: CXR_TORCH_THREADS when set, else the CPUs shared among the
-    workers (at least 1)."""
-    return os.environ.get("CXR_TORCH_THREADS", "").strip() or str(max(1, (os.cpu_count() or 1) // settings.ts_workers))
-
-
 def torchserve(settings: StackSettings) -> Any:
     """A ``cxr.serving.torchserve_process.TorchServe`` for this stack's home, model store and ports (token
-    authorisation as that module's default: on), ``ts_workers`` workers of ``torchserve_threads`` threads."""
+    authorisation as that module's default: on), ``ts_workers`` workers of ``ts_threads_per_worker`` threads."""
     from cxr.serving.torchserve_process import TorchServe, TorchServeSettings
 
     ts_settings = TorchServeSettings(
@@ -32,7 +25,7 @@ def torchserve(settings: StackSettings) -> Any:
         grpc_inference_port=settings.ts_grpc_port,
         grpc_management_port=settings.ts_grpc_management_port,
         default_workers=settings.ts_workers,
-        extra_env={"CXR_TORCH_THREADS": torchserve_threads(settings)},
+        extra_env={"CXR_TORCH_THREADS": str(settings.ts_threads_per_worker)},
     )
     return TorchServe(ts_settings)
 

@@ -118,14 +118,18 @@ class ResultStore:
         memory is within ``FULL_MARGIN`` of ``maxmemory`` (a tiny write still passes there, an upload would not)."""
         with store_errors():
             self._redis.set(HEALTH_KEY, b"1", ex=HEALTH_KEY_TTL_S)
-            memory = self._redis.info("memory")
-        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))  # type: ignore[union-attr]
+            used, limit = self._memory_use()
         if limit and used >= limit * (1 - FULL_MARGIN):
             raise StoreFullError(f"the result store (Redis) is full: {used / limit:.0%} of its memory limit in use")
 
-    def _check_room(self, size: int) -> None:
+    def _memory_use(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) in bytes; maxmemory 0 = no limit. Raises what redis-py raises."""
         memory = self._redis.info("memory")
-        limit, used = int(memory.get("maxmemory", 0)), int(memory.get("used_memory", 0))  # type: ignore[union-attr]
+        return int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))  # type: ignore[union-attr]
+
+    def _check_room(self, size: int) -> None:
+        """Raise StoreFullError when ``size`` more bytes would take Redis within ``FULL_MARGIN`` of its limit."""
+        used, limit = self._memory_use()
         if limit and used + size > limit * (1 - FULL_MARGIN):
             logger.warning("new job refused: Redis would be within %.0f%% of its memory limit", FULL_MARGIN * 100)
             raise StoreFullError(

@@ -95,6 +95,7 @@ def test_env_overrides_ports_and_resolves_relative_paths(tmp_path: Path) -> None
         ({"CXR_INGESTION_PORT": "9152"}, "both CXR_INGESTION_PORT and CXR_WORKER_METRICS_PORT"),
         ({"CXR_TS_WORKERS": "two"}, "CXR_TS_WORKERS='two' is not a whole number"),
         ({"CXR_TS_WORKERS": "0"}, "CXR_TS_WORKERS=0 is outside 1..64"),
+        ({"CXR_TORCH_THREADS": "all"}, "CXR_TORCH_THREADS='all' is not a whole number"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, env: dict[str, str], needle: str) -> None:
@@ -105,17 +106,17 @@ def test_bad_settings_are_named(tmp_path: Path, env: dict[str, str], needle: str
 def test_torchserve_workers_share_the_cpus_unless_threads_are_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cxr.stack.torchserve_ctl import torchserve, torchserve_threads
+    from cxr.stack.torchserve_ctl import torchserve
 
-    monkeypatch.delenv("CXR_TORCH_THREADS", raising=False)
+    env = {"CXR_HOME": str(tmp_path), "CXR_TS_WORKERS": "3"}
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    s = StackSettings.from_env({"CXR_HOME": str(tmp_path), "CXR_TS_WORKERS": "3"}, cwd=tmp_path)
-    assert (s.ts_workers, torchserve_threads(s)) == (3, "2")
+    s = StackSettings.from_env(env, cwd=tmp_path)
+    assert (s.ts_workers, s.ts_threads_per_worker) == (3, 2)
     assert StackSettings.from_env({}, cwd=tmp_path).ts_workers == 2
     monkeypatch.setattr("os.cpu_count", lambda: 1)
-    assert torchserve_threads(s) == "1"  # never 0
-    monkeypatch.setenv("CXR_TORCH_THREADS", "5")
-    assert torchserve_threads(s) == "5"
+    assert s.ts_threads_per_worker == 1  # never 0
+    s = StackSettings.from_env({**env, "CXR_TORCH_THREADS": "5"}, cwd=tmp_path)
+    assert s.ts_threads_per_worker == 5
     ts = torchserve(s).settings
     assert ts.default_workers == 3 and ts.extra_env == {"CXR_TORCH_THREADS": "5"}
 
